@@ -125,7 +125,7 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
     unknown_profiles = set(profiles) - set(PROFILES)
     if unknown_profiles:
         raise ConfigError(f"{source}: profiles.{sorted(unknown_profiles)[0]}: unknown profile (known: {', '.join(PROFILES)})")
-    chosen = profile or os.environ.get("CASCADE_PROFILE") or raw.get("profile")
+    chosen = profile or raw.get("profile")
     if chosen not in PROFILES:
         raise ConfigError(f"{source}: profile: unknown profile {chosen!r} (known: {', '.join(PROFILES)})")
     overlay = profiles.get(chosen) or {}
@@ -147,22 +147,27 @@ def load_config(
     path: str | os.PathLike | None = None,
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
+    text: str | None = None,
 ) -> CascadeConfig:
-    """Load params.yaml (or `path`), select a profile, apply dotted-key `overrides`, validate.
+    """Load params.yaml (or `path`, or YAML `text`), select a profile, apply dotted `overrides`.
 
-    The profile is, in order: the `profile` argument, $CASCADE_PROFILE, params.yaml's `profile`.
+    The profile is the `profile` argument if given, else params.yaml's `profile:` (DVC tracks that
+    key, so a profile picked any other way would make `dvc repro` miss the change).
     """
-    path = Path(path or os.environ.get("CASCADE_PARAMS") or DEFAULT_PARAMS)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found (run from the repository root or pass --params)")
+    if text is None:
+        path = Path(path or DEFAULT_PARAMS)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found (run from the repository root or pass --params)")
+        text = path.read_text()
+    source = str(path or "params")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    merged = resolve(raw, profile, source=str(path))
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    merged = resolve(raw, profile, source=source)
     for dotted, value in (overrides or {}).items():
-        _set_dotted(merged, dotted, value, source=str(path))
-    return build(merged, source=str(path))
+        _set_dotted(merged, dotted, value, source=source)
+    return build(merged, source=source)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

@@ -1,0 +1,89 @@
+"""Stage plumbing shared by every launcher (DVC, KFP, CLI): default paths and tracked execution.
+
+A stage module has a pure `run(...)` (what tests call) and an `execute(cfg, ...)` that wraps it in
+`tracked()`: a nested MLflow run with params, metrics, inputs and report artifacts, plus the DVC
+metrics file. Launchers only choose paths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, TypeVar
+
+from components import tracking
+from components.config import CascadeConfig, flatten, to_dict
+from components.errors import StageError
+from components.io import write_json
+
+STAGES = ("data", "validate", "features")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the DVC pipeline keeps each stage's outputs, relative to the repo root."""
+
+    root: Path = Path(".")
+
+    def out(self, stage: str) -> Path:
+        return self.root / "artifacts" / stage
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+
+@dataclass(frozen=True)
+class TrackedInput:
+    """A parquet table logged with mlflow.log_input (name, context, content digest)."""
+
+    path: Path
+    name: str
+    context: str
+    digest: str | None = None
+
+
+class StageResult(Protocol):
+    @property
+    def metrics(self) -> dict[str, float]: ...
+
+
+R = TypeVar("R", bound=StageResult)
+
+
+def tracked(
+    stage: str,
+    cfg: CascadeConfig,
+    call: Callable[[], R],
+    metrics_file: Path,
+    inputs: Callable[[], list[TrackedInput]] = lambda: [],
+    artifacts: Callable[[R], list[Path]] = lambda r: [],
+    parent_run_id: str | None = None,
+) -> R:
+    """Run `call` inside the stage's MLflow run; write its metrics to MLflow and `metrics_file`."""
+    import mlflow
+
+    section = getattr(cfg, stage)
+    params = {f"{stage}.{k}": v for k, v in flatten(to_dict(section)).items()}
+    params["profile"] = cfg.profile
+    with tracking.stage_run(stage, cfg.tracking.experiment, cfg.profile, params, parent_run_id):
+        try:
+            result = call()
+        except StageError as err:
+            mlflow.set_tag("cascade.failure", str(err)[:5000])
+            raise
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise StageError(f"{stage}: non-finite metrics {bad}; refusing to record them as a result")
+        mlflow.log_metrics(metrics)
+        write_json(metrics_file, metrics)
+        for table in inputs():
+            tracking.log_input_table(table.path, table.name, table.context, table.digest)
+        for path in artifacts(result):
+            path = Path(path)
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=path.name)
+            elif path.is_file():
+                mlflow.log_artifact(str(path))
+        return result

@@ -1,0 +1,244 @@
+"""`cascade`: the command line. Thin: it picks paths and config, then calls stage code.
+
+User-fixable failures (bad params, bad data, a failed gate) print one line and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import typer
+
+from components.config import ConfigError
+from components.errors import StageError
+
+app = typer.Typer(
+    help="Cascade: train cascaded text-to-image models end to end (data -> validate -> features -> ...).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state: dict = {"params": None, "profile": None}
+
+
+@app.callback()
+def _global(
+    params: Optional[Path] = typer.Option(None, "--params", help="params.yaml to use (default: ./params.yaml)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="smoke | tiny | base256 (default: params.yaml's `profile:`)."),
+) -> None:
+    _state["params"] = params
+    _state["profile"] = profile
+
+
+def _config(overrides: dict | None = None):
+    from components.config import load_config
+
+    return load_config(_state["params"], _state["profile"], overrides)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn the errors a user can act on into one red line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (StageError, ConfigError, FileNotFoundError) as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(desc: str, total: int | None = None, unit: str = "item") -> Iterator[Callable[[int], None]]:
+    """A tqdm bar driven by `progress(n_done)` callbacks from stage code."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, disable=None) as bar:
+        def update(done: int) -> None:
+            bar.update(done - bar.n)
+
+        yield update
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
+    """Execute one stage with the DVC layout's paths (what `dvc repro` and `cascade stage` run)."""
+    from components import stage as stage_mod
+
+    if name not in stage_mod.STAGES:
+        raise StageError(f"unknown stage {name!r}; stages: {', '.join(stage_mod.STAGES)}")
+    if name == "data":
+        from components import data
+
+        with progress_bar("data", None) as progress:
+            return data.execute(cfg, layout.out("data"), layout.metrics("data"), parent_run_id, progress)
+    if name == "validate":
+        from components import validate
+
+        return validate.execute(cfg, layout.out("data"), layout.out("validate"), layout.metrics("validate"), parent_run_id)
+    if name == "features":
+        from components import features
+
+        with progress_bar("features", None, unit="caption") as progress:
+            return features.execute(cfg, layout.out("validate"), layout.out("features"), layout.metrics("features"),
+                                    parent_run_id, progress)
+    raise AssertionError(name)
+
+
+@app.command()
+@user_errors
+def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features.")) -> None:
+    """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this."""
+    from components.stage import Layout
+
+    result = run_stage(name, _config(), Layout())
+    typer.echo(f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in result.metrics.items()))
+
+
+@app.command()
+@user_errors
+def repro(
+    force: bool = typer.Option(False, "--force", help="Re-run every stage even if DVC finds it up to date."),
+    target: Optional[str] = typer.Argument(None, help="Run only up to this stage (default: all)."),
+) -> None:
+    """Run the pipeline with `dvc repro` under one MLflow parent run (the embedded default end to end)."""
+    from components import tracking
+
+    cfg = _config()
+    if _state["profile"] and _state["profile"] != cfg.profile:
+        raise StageError("dvc repro uses params.yaml's `profile:`; edit it (or `dvc exp run -S profile=NAME`) instead of --profile")
+    parent = tracking.start_pipeline_run(cfg.tracking.experiment, cfg.profile, launcher="dvc")
+    cmd = [sys.executable, "-m", "dvc", "repro"] + (["--force"] if force else []) + ([target] if target else [])
+    env = {**os.environ, tracking.PARENT_RUN_ENV: parent}
+    typer.echo(f"pipeline run {parent} (profile {cfg.profile}); running: {' '.join(cmd[2:])}")
+    code = subprocess.call(cmd, env=env)
+    tracking.finish_pipeline_run(parent, ok=code == 0, reason=None if code == 0 else f"dvc repro exited {code}")
+    if code != 0:
+        raise StageError(f"dvc repro failed (exit {code}); the failing stage's message is above")
+    typer.echo(f"done. Metrics: `dvc metrics show`; runs: `mlflow ui --backend-store-uri {tracking.tracking_uri()}`")
+
+
+# --- data commands ----------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def ingest(
+    source: str = typer.Argument(..., help="webdataset .tar shards (dir, file or {00..09} pattern), an image folder with metadata.jsonl, or a .parquet/.csv manifest; local path or fsspec URL."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for normalized shards + manifest.parquet."),
+    shard_size: Optional[int] = typer.Option(None, help="Items per output shard (default: params data.shard_size)."),
+) -> None:
+    """Ingest user data into the normalized shard + manifest layout (then run `cascade validate OUT`)."""
+    from components.ingest import ingest as do_ingest, summarize
+
+    cfg = _config().data
+    with progress_bar("ingest") as progress:
+        result = do_ingest(source, out, shard_size or cfg.shard_size, cfg.val_fraction, cfg.test_fraction, progress=progress)
+    typer.echo(summarize(result))
+
+
+@app.command()
+@user_errors
+def validate(
+    data_dir: Path = typer.Argument(..., help="A dataset directory (manifest.parquet + shards/) from `cascade ingest` or the data stage."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write accepted/quarantine manifests and Data Docs (default: DATA_DIR/validation)."),
+) -> None:
+    """Validate a dataset: quarantine bad items with reasons, run the GX suite. Exit 0 on pass, 1 on fail."""
+    from components import validate as validate_mod
+
+    out = out or data_dir / "validation"
+    try:
+        result = validate_mod.run(_config().validate, data_dir, out)
+    except StageError:
+        typer.echo(validate_mod.summarize_dir(out))
+        raise
+    typer.echo(validate_mod.summarize(result))
+
+
+@app.command()
+@user_errors
+def check(
+    image: Path = typer.Argument(..., help="An image file (PNG/JPEG)."),
+    caption: str = typer.Argument(..., help="Its prompt, in the shapes grammar, e.g. 'two small red circles above a blue square'."),
+) -> None:
+    """Score one image against its prompt with the exact checker (colour, shape, count, position)."""
+    from PIL import Image
+
+    from models.checker import check as exact_check
+
+    try:
+        target = caption
+        with Image.open(image) as im:
+            result = exact_check(im.convert("RGB"), target)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    for category, ok in result.to_dict().items():
+        typer.echo(f"{category:>9}: {ok}")
+    raise typer.Exit(0 if result.correct else 1)
+
+
+@app.command()
+@user_errors
+def config(
+    section: Optional[str] = typer.Argument(None, help="Only this section, e.g. data or features.encoder."),
+) -> None:
+    """Print the resolved config (params.yaml with the profile applied) as YAML."""
+    import yaml
+
+    from components.config import to_dict
+
+    tree = to_dict(_config())
+    for part in (section.split(".") if section else []):
+        if not isinstance(tree, dict) or part not in tree:
+            raise ConfigError(f"{section}: no such section")
+        tree = tree[part]
+    typer.echo(yaml.safe_dump(tree, sort_keys=False).rstrip())
+
+
+# --- KFP ---------------------------------------------------------------------------------------
+
+@app.command(name="compile")
+@user_errors
+def compile_(
+    output: Path = typer.Option(Path("pipelines/cascade_pipeline.yaml"), "--output", "-o", help="Where to write the compiled pipeline YAML."),
+) -> None:
+    """Compile the Kubeflow pipeline to YAML (upload it in the Kubeflow UI or with `cascade submit`)."""
+    from pipelines.kfp_pipeline import compile_pipeline
+
+    compile_pipeline(output, params_path=_state["params"])
+    typer.echo(f"wrote {output}")
+
+
+@app.command(name="run")
+@user_errors
+def run_pipeline(
+    local: bool = typer.Option(False, "--local", help="Run the KFP DAG on this machine with kfp.local (SubprocessRunner)."),
+    pipeline_root: Path = typer.Option(Path("artifacts/kfp"), help="Where kfp.local writes task outputs."),
+    data_source: str = typer.Option("", help="Override data.source (path or fsspec URL)."),
+) -> None:
+    """Run the KFP pipeline. Only --local is supported here; use `cascade compile` for a cluster."""
+    if not local:
+        raise StageError("only `cascade run --local` runs here; for a cluster upload `cascade compile` output in the Kubeflow UI")
+    from pipelines.local import run_local
+
+    cfg = _config()
+    outputs = run_local(pipeline_root, profile=cfg.profile, params_path=_state["params"], data_source=data_source)
+    for name, path in outputs.items():
+        typer.echo(f"{name}: {path}")
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,93 @@
+"""The Kubeflow pipeline: the same stage `run()`s as `dvc repro`, as KFP components with typed artifacts.
+
+Components are lightweight Python components whose base image is the project image (infra/), so
+nothing is pip-installed per pod; each body is one call into `pipelines.kfp_tasks`. The whole
+params.yaml travels as a pipeline parameter (its text at compile time is the default), so a run is
+fully described by its compiled YAML plus the few knobs a user sets in the Kubeflow UI.
+"""
+
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+
+# Built from infra/Dockerfile; holds this package and its pinned dependencies.
+IMAGE = "ghcr.io/cascade-t2i/cascade:0.1.0"
+PIPELINE_NAME = "cascade"
+DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def start_pipeline(params: str, profile: str, pipeline_job_id: str) -> str:
+    """Open the MLflow parent run that every stage run nests under; returns its id."""
+    from pipelines.kfp_tasks import start_pipeline_task
+
+    return start_pipeline_task(params, profile, pipeline_job_id)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def data(params: str, profile: str, data_source: str, parent_run_id: str,
+         dataset: Output[Dataset], metrics: Output[Metrics]):
+    """Stage `data`: built-in shapes or ingested user data -> shards + manifest."""
+    from pipelines.kfp_tasks import data_task
+
+    data_task(params, profile, data_source, parent_run_id, dataset, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def validate(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset],
+             validated: Output[Dataset], report: Output[HTML], metrics: Output[Metrics]):
+    """Stage `validate`: accepted + quarantine manifests, GX Data Docs; fails above max_bad_fraction."""
+    from pipelines.kfp_tasks import validate_task
+
+    validate_task(params, profile, parent_run_id, dataset, validated, report, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def features(params: str, profile: str, parent_run_id: str, validated: Input[Dataset],
+             text_features: Output[Dataset], metrics: Output[Metrics]):
+    """Stage `features`: frozen text-encoder embeddings + masks, cached by caption hash."""
+    from pipelines.kfp_tasks import features_task
+
+    features_task(params, profile, parent_run_id, validated, text_features, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close the MLflow parent run as FINISHED or FAILED with the failing task's reason."""
+    from pipelines.kfp_tasks import finish_pipeline_task
+
+    finish_pipeline_task(params, profile, pipeline_job_id, status.state, status.error_message)
+
+
+def build_pipeline(params_text: str):
+    """The pipeline function, with `params_text` (a params.yaml) as the default of `params`."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features.")
+    def cascade_pipeline(
+        profile: str = "tiny",
+        data_source: str = "",
+        params: str = params_text,
+    ):
+        # The exit task may not depend on other tasks, so the parent run is found by the job id.
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+        finish = finish_pipeline(params=params, profile=profile, pipeline_job_id=job_id)
+        with dsl.ExitHandler(finish):
+            start = start_pipeline(params=params, profile=profile, pipeline_job_id=job_id)
+            start.set_caching_options(False)  # a new parent run per pipeline run
+            data_step = data(params=params, profile=profile, data_source=data_source, parent_run_id=start.output)
+            validate_step = validate(params=params, profile=profile, parent_run_id=start.output,
+                                     dataset=data_step.outputs["dataset"])
+            features(params=params, profile=profile, parent_run_id=start.output,
+                     validated=validate_step.outputs["validated"])
+
+    return cascade_pipeline
+
+
+def compile_pipeline(output, params_path=None) -> Path:
+    params_text = Path(params_path or DEFAULT_PARAMS).read_text()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(params_text), str(output))
+    return output

@@ -1,0 +1,96 @@
+"""Bodies of the KFP components: map KFP artifact paths onto the stages' `execute()`.
+
+Kept out of kfp_pipeline.py so the component functions stay one import and one call (KFP ships
+their source text into the pod) and so this code is testable without KFP.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import tempfile
+from pathlib import Path
+
+
+def _config(params: str, profile: str, overrides: dict | None = None):
+    from components.config import load_config
+
+    return load_config(profile=profile or None, overrides=overrides, text=params)
+
+
+def _log_metrics(metrics_artifact, metrics: dict[str, float]) -> None:
+    for name, value in metrics.items():
+        metrics_artifact.log_metric(name, float(value))
+
+
+def _metrics_file() -> Path:
+    # The DVC metrics file has no place in a KFP run; the values go to the Metrics artifact instead.
+    return Path(tempfile.mkdtemp(prefix="cascade-metrics-")) / "metrics.json"
+
+
+def start_pipeline_task(params: str, profile: str, pipeline_job_id: str) -> str:
+    from components import tracking
+
+    cfg = _config(params, profile)
+    return tracking.start_pipeline_run(cfg.tracking.experiment, cfg.profile, launcher="kfp",
+                                       tags={tracking.JOB_ID_TAG: pipeline_job_id})
+
+
+def finish_pipeline_task(params: str, profile: str, pipeline_job_id: str, state: str, error_message: str | None) -> None:
+    from components import tracking
+
+    cfg = _config(params, profile)
+    run_id = tracking.find_pipeline_run(cfg.tracking.experiment, pipeline_job_id)
+    if run_id is None:  # the start task itself failed: record the failure in a run of its own
+        run_id = tracking.start_pipeline_run(cfg.tracking.experiment, cfg.profile, launcher="kfp",
+                                             tags={tracking.JOB_ID_TAG: pipeline_job_id})
+    ok = state == "SUCCEEDED"
+    tracking.finish_pipeline_run(run_id, ok, None if ok else (error_message or f"pipeline {state}"))
+
+
+def data_task(params, profile, data_source, parent_run_id, dataset, metrics) -> None:
+    from components import data
+
+    cfg = _config(params, profile, {"data.source": data_source} if data_source else None)
+    result = data.execute(cfg, Path(dataset.path), _metrics_file(), parent_run_id)
+    dataset.metadata.update({"n_items": result.n_items, "kind": result.kind, "manifest_digest": result.manifest_digest})
+    _log_metrics(metrics, result.metrics)
+
+
+def validate_task(params, profile, parent_run_id, dataset, validated, report, metrics) -> None:
+    from components import validate
+
+    cfg = _config(params, profile)
+    result = validate.execute(cfg, Path(dataset.path), Path(validated.path), _metrics_file(), parent_run_id)
+    validated.metadata.update({"n_accepted": result.n_accepted, "n_quarantined": result.n_quarantined,
+                               "data_uri": dataset.uri})
+    Path(report.path).write_text(validation_report_html(Path(validated.path)))
+    _log_metrics(metrics, result.metrics)
+
+
+def features_task(params, profile, parent_run_id, validated, text_features, metrics) -> None:
+    from components import features
+
+    cfg = _config(params, profile)
+    result = features.execute(cfg, Path(validated.path), Path(text_features.path), _metrics_file(), parent_run_id)
+    text_features.metadata.update({"fingerprint": result.fingerprint, "dim": result.dim})
+    _log_metrics(metrics, result.metrics)
+
+
+def validation_report_html(validate_dir: Path) -> str:
+    """A self-contained page for the KFP UI: pass/fail, counts, quarantine reasons."""
+    summary = json.loads((validate_dir / "summary.json").read_text())
+    reasons = summary.get("reason_counts", {})
+    rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>" for k, v in sorted(reasons.items()))
+    counts = "".join(
+        f"<li>{html.escape(k)}: {html.escape(str(summary[k]))}</li>"
+        for k in ("n_items", "n_accepted", "n_quarantined", "bad_fraction", "passed", "gx_success")
+        if k in summary
+    )
+    return (
+        "<html><head><meta charset='utf-8'><title>Cascade validation</title></head><body>"
+        f"<h1>Validation</h1><ul>{counts}</ul>"
+        f"<h2>Quarantine reasons</h2><table border='1'><tr><th>reason</th><th>items</th></tr>{rows}</table>"
+        "<p>Great Expectations Data Docs are in the validated dataset artifact under data_docs/.</p>"
+        "</body></html>"
+    )
