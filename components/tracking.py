@@ -101,7 +101,11 @@ def log_input_table(path: str | Path, name: str, context: str, digest: str | Non
     """Log a parquet table as a run input (mlflow.log_input) with its content digest."""
     import pandas as pd
 
+    import warnings
+
     mlflow = _mlflow()
     df = pd.read_parquet(path)
-    dataset = mlflow.data.from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest)
+    with warnings.catch_warnings():  # MLflow warns that a local path "can be interpreted in multiple ways"
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        dataset = mlflow.data.from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest)
     mlflow.log_input(dataset, context=context)

@@ -99,12 +99,18 @@ class FrozenTextEncoder(nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
             # float32 explicitly: transformers 5 would otherwise keep the checkpoint's dtype
-            model = model_class.from_pretrained(
-                model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32
+            model, loading = model_class.from_pretrained(
+                model_dir, local_files_only=True, use_safetensors=True, dtype=torch.float32, output_loading_info=True
             )
         except Exception as err:
             reason = (str(err).strip().splitlines() or [""])[0]
             raise _fail(kind, model_dir, f"cannot load ({type(err).__name__}: {reason})") from None
+        # transformers fills weights absent from the checkpoint with random values and only warns;
+        # a frozen encoder that is partly random would poison every feature silently.
+        absent = sorted(loading["missing_keys"]) + sorted(str(k) for k in loading["mismatched_keys"])
+        if absent:
+            raise _fail(kind, model_dir, f"not a {kind} text encoder checkpoint: {len(absent)} weights missing "
+                        f"or mis-shaped (e.g. {absent[0]})")
         if tokenizer.pad_token is None:  # some CLIP/GPT-style tokenizers have none; pads are masked anyway
             tokenizer.pad_token = tokenizer.eos_token
         positions = getattr(model.config, "max_position_embeddings", None)  # T5 has relative positions: none
@@ -134,14 +140,20 @@ class FrozenTextEncoder(nn.Module):
 
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """captions (B) -> embeddings [B, L, D] float32 (zeros at padding), mask [B, L] bool; L = max_length."""
+        # Run the model only as long as the batch's longest caption (real tokens never attend to
+        # padding, so their values are the same), then zero-pad to max_length: far less compute.
         batch = self.tokenizer(
-            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        input_ids = batch["input_ids"].to(self.device)  # (B, L)
-        mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
-        hidden = self._hidden_states(input_ids, mask.long())  # (B, L, D)
-        # Outside inference mode, so callers get ordinary tensors (inference tensors refuse autograd).
-        emb = hidden.float() * mask.unsqueeze(-1)  # (B, L, D)
+        input_ids = batch["input_ids"].to(self.device)  # (B, T), T <= L
+        real = batch["attention_mask"].to(self.device).bool()  # (B, T)
+        hidden = self._hidden_states(input_ids, real.long())  # (B, T, D)
+        B, T = real.shape
+        # Built outside inference mode, so callers get ordinary tensors (inference tensors refuse autograd).
+        emb = torch.zeros(B, self.max_length, self.dim, device=self.device)  # (B, L, D)
+        mask = torch.zeros(B, self.max_length, dtype=torch.bool, device=self.device)  # (B, L)
+        emb[:, :T] = hidden.float() * real.unsqueeze(-1)
+        mask[:, :T] = real
         return emb, mask
 
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:

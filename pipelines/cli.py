@@ -168,7 +168,7 @@ def validate(
 @user_errors
 def check(
     image: Path = typer.Argument(..., help="An image file (PNG/JPEG)."),
-    caption: str = typer.Argument(..., help="Its prompt, in the shapes grammar, e.g. 'two small red circles above a blue square'."),
+    caption: str = typer.Argument(..., help="Its prompt, in the shapes grammar, e.g. 'two small red circles above a large blue square'."),
 ) -> None:
     """Score one image against its prompt with the exact checker (colour, shape, count, position)."""
     from PIL import Image

