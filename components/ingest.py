@@ -389,9 +389,19 @@ def _imagefolder_item(
     )
     if _unsafe_name(name):  # it would read outside the folder: never opened, shown by its line
         item.source, item.error = where, f"unsafe_member_name: {name}"
+    elif _links_outside(fs, base, name):  # same escape through a symlink: refused like a tar link member
+        item.error = f"link_member: {name} -> outside the folder"
     else:
         _read_image(item, fs, posixpath.join(base, name), shown)
     return item
+
+
+def _links_outside(fs: Any, base: str, name: str) -> bool:
+    """A local file_name that resolves (through symlinks) outside the image folder."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not {"file", "local"} & set(protocols):
+        return False
+    return not Path(base, name).resolve().is_relative_to(Path(base).resolve())
 
 
 # --- parquet / CSV manifest ----------------------------------------------------------------

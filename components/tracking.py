@@ -99,13 +99,14 @@ def _param_value(value) -> str:
 
 def log_input_table(path: str | Path, name: str, context: str, digest: str | None = None) -> None:
     """Log a parquet table as a run input (mlflow.log_input) with its content digest."""
-    import pandas as pd
-
     import warnings
+
+    import pandas as pd
 
     mlflow = _mlflow()
     df = pd.read_parquet(path)
-    with warnings.catch_warnings():  # MLflow warns that a local path "can be interpreted in multiple ways"
+    with warnings.catch_warnings():  # MLflow's schema-inference hints are about serving, not inputs
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         dataset = mlflow.data.from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
+        mlflow.log_input(dataset, context=context)

@@ -179,7 +179,7 @@ def check(
         target = caption
         with Image.open(image) as im:
             result = exact_check(im.convert("RGB"), target)
-    except ValueError as err:
+    except (ValueError, OSError, Image.DecompressionBombError) as err:  # bad caption; unreadable image
         raise StageError(str(err)) from None
     for category, ok in result.to_dict().items():
         typer.echo(f"{category:>9}: {ok}")

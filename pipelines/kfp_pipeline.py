@@ -7,7 +7,10 @@ fully described by its compiled YAML plus the few knobs a user sets in the Kubef
 """
 
 
+import json
 from pathlib import Path
+
+import yaml
 
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Output
@@ -85,8 +88,15 @@ def build_pipeline(params_text: str):
     return cascade_pipeline
 
 
+def params_default(params_path=None) -> str:
+    """params.yaml as one line of JSON (JSON is YAML): KFP copies defaults into a comment header
+    of the compiled file, and a multi-line default there makes the file unparseable."""
+    tree = yaml.safe_load(Path(params_path or DEFAULT_PARAMS).read_text())
+    return json.dumps(tree, separators=(",", ":"))
+
+
 def compile_pipeline(output, params_path=None) -> Path:
-    params_text = Path(params_path or DEFAULT_PARAMS).read_text()
+    params_text = params_default(params_path)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(build_pipeline(params_text), str(output))

@@ -9,30 +9,31 @@ from components.errors import StageError
 
 
 def run_local(pipeline_root: str | Path, profile: str, params_path: str | Path | None = None,
-              data_source: str = "") -> dict[str, str]:
-    """Run the pipeline locally; returns {task output name: local path} for the artifacts it wrote."""
+              data_source: str = "") -> dict[str, Path]:
+    """Run the pipeline locally; returns {"task/output": path} for the artifacts of this run."""
     from kfp import local
 
-    from pipelines.kfp_pipeline import DEFAULT_PARAMS, build_pipeline
+    from pipelines.kfp_pipeline import build_pipeline, params_default
 
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    # use_venv=False: tasks run with this interpreter and its installed packages, like the image does.
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
-    pipeline = build_pipeline(Path(params_path or DEFAULT_PARAMS).read_text())
+    before = set(pipeline_root.iterdir())
+    # use_venv=False: tasks run with this interpreter and its installed packages, as the image does.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    pipeline = build_pipeline(params_default(params_path))
     with warnings.catch_warnings():
         # kfp warns that our base image name has no "python" in it; locally the image is not used.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-        task = pipeline(profile=profile, data_source=data_source)
-    outputs = {name: artifact.path for name, artifact in _artifacts(task).items()}
-    if getattr(task, "state", None) not in (None, "SUCCEEDED") and not outputs:
-        raise StageError(f"local pipeline run failed (state {task.state}); see the task logs above")
-    return outputs
-
-
-def _artifacts(task) -> dict:
-    found = {}
-    for name, value in (getattr(task, "outputs", None) or {}).items():
-        if hasattr(value, "path"):
-            found[name] = value
-    return found
+        try:
+            pipeline(profile=profile, data_source=data_source)
+        except RuntimeError as err:
+            raise StageError(f"local pipeline run failed: {str(err).splitlines()[0]} (task logs above)") from None
+    new_runs = sorted(set(pipeline_root.iterdir()) - before)
+    if not new_runs:
+        raise StageError(f"local pipeline run wrote nothing under {pipeline_root}")
+    run_dir = new_runs[-1]
+    return {
+        f"{task.name}/{out.name}": out
+        for task in sorted(run_dir.iterdir()) if task.is_dir()
+        for out in sorted(task.iterdir()) if out.name != "executor_output.json"
+    }

@@ -422,3 +422,23 @@ def test_unusable_sources_raise_one_helpful_line(tmp_path: Path, make: str):
     assert source in message and "\n" not in message
     if make != "unknown_protocol":
         assert "no .tar shards, metadata.jsonl, or .parquet/.csv manifest" in message
+
+
+def test_imagefolder_symlink_escaping_the_folder_is_refused(tmp_path: Path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    secret = image_bytes(77)
+    (tmp_path / "secret.png").write_bytes(secret)
+    (folder / "inside.png").write_bytes(image_bytes(1))
+    (folder / "alias.png").symlink_to(folder / "inside.png")  # stays inside: fine
+    (folder / "leak.png").symlink_to(tmp_path / "secret.png")  # resolves outside the folder
+    write_jsonl(folder / "metadata.jsonl", [
+        {"file_name": "inside.png", "text": "a"},
+        {"file_name": "alias.png", "text": "b"},
+        {"file_name": "leak.png", "text": "c"},
+    ])
+    _, manifest = ingest_into(folder, tmp_path / "out")
+    rows = rows_by_source(manifest)
+    assert rows["leak.png"]["ingest_error"] == "link_member: leak.png -> outside the folder"
+    assert rows["alias.png"]["ingest_error"] is None
+    assert hashlib.sha256(secret).hexdigest() not in set(manifest["sha256"].dropna())

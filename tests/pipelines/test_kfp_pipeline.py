@@ -1,0 +1,71 @@
+"""The KFP DAG: compiles, the checked-in YAML is current, and it runs end to end under kfp.local."""
+
+import mlflow
+import pytest
+import yaml
+
+from components.errors import StageError
+from pipelines.kfp_pipeline import compile_pipeline
+from pipelines.local import run_local
+from tests.conftest import REPO
+
+CHECKED_IN = REPO / "pipelines" / "cascade_pipeline.yaml"
+
+
+def _smoke_params(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("profile: tiny", "profile: smoke", 1))
+    return params
+
+
+def test_checked_in_pipeline_yaml_is_up_to_date(tmp_path):
+    fresh = compile_pipeline(tmp_path / "p.yaml")
+    assert fresh.read_text() == CHECKED_IN.read_text(), "run `cascade compile` and commit pipelines/cascade_pipeline.yaml"
+
+
+def test_compiled_pipeline_has_the_stages_and_ui_parameters(tmp_path):
+    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "exit-handler-1" in tasks and tasks["finish-pipeline"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"start-pipeline", "data", "validate", "features"} <= set(inner)
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"profile", "data_source", "params"}
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"ghcr.io/cascade-t2i/cascade:0.1.0"}
+    # no per-pod pip install: components run from the project image
+    assert not any("pip install" in " ".join(e["container"].get("command", []))
+                   for e in spec["deploymentSpec"]["executors"].values())
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_under_kfp_local_with_nested_mlflow_runs(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    outputs = run_local(tmp_path / "kfp", profile="smoke", params_path=_smoke_params(tmp_path))
+
+    assert (outputs["data/dataset"] / "manifest.parquet").is_file()
+    assert (outputs["validate/validated"] / "accepted.parquet").is_file()
+    assert (outputs["validate/validated"] / "data_docs" / "index.html").is_file()
+    assert "Quarantine reasons" in outputs["validate/report"].read_text()
+    assert (outputs["features/text_features"] / "items.parquet").is_file()
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
+    assert parent.info.status == "FINISHED" and parent.data.tags["cascade.launcher"] == "kfp"
+    stages = {r.data.tags["cascade.stage"]: r for r in runs if r.data.tags.get("cascade.kind") == "stage"}
+    assert set(stages) == {"data", "validate", "features"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
+    assert stages["validate"].data.metrics["n_accepted"] == 288
+
+
+@pytest.mark.slow
+def test_a_failing_task_fails_the_run_and_the_exit_handler_marks_mlflow_failed(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match="local pipeline run failed"):
+        run_local(tmp_path / "kfp", profile="smoke", params_path=_smoke_params(tmp_path),
+                  data_source=str(tmp_path / "no-such-data"))
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags.get("cascade.failure")
