@@ -92,13 +92,25 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def median_of(fn: Callable[[int], Any], repeats: int) -> tuple[float, Any]:
+class Timing(float):
+    """Median seconds of some repeats; `.spread` keeps (min, max) so the report can show the noise."""
+
+    spread: tuple[float, float]
+
+    @classmethod
+    def of(cls, times: list[float]) -> "Timing":
+        t = cls(statistics.median(times))
+        t.spread = (min(times), max(times))
+        return t
+
+
+def median_of(fn: Callable[[int], Any], repeats: int) -> tuple[Timing, Any]:
     """Median seconds of `repeats` calls fn(i) (i = repeat index) and the last call's result."""
     times, result = [], None
     for i in range(repeats):
         seconds, result = timed(lambda: fn(i))
         times.append(seconds)
-    return statistics.median(times), result
+    return Timing.of(times), result
 
 
 # --- the user-data source ----------------------------------------------------------------------
@@ -191,8 +203,7 @@ def bench_user_data(cfg, work: Path, n: int, per_tar: int, repeats: int) -> tupl
             ingest_times.append(t_ing)
             validate_times.append(t_val)
             together.append(t_ing + t_val)
-    ingest_s, validate_s = statistics.median(ingest_times), statistics.median(validate_times)
-    together_s = statistics.median(together)
+    ingest_s, validate_s, together_s = Timing.of(ingest_times), Timing.of(validate_times), Timing.of(together)
 
     accepted = pd.read_parquet(result.accepted_path)
     gx_s, (gx_ok, _) = median_of(lambda i: run_suite(accepted, cfg.validate, work / f"gx-docs-{i}"), repeats)
@@ -259,7 +270,7 @@ def bench_features(cfg, validate_dir: Path, work: Path, repeats: int, fast: int)
     log("features: warm reruns")
     warm_s, warm = median_of(lambda i: features_run(cfg.features, validate_dir, cache), fast)
     assert warm.n_encoded == 0, f"a warm rerun encoded {warm.n_encoded} captions"
-    cold_s = statistics.median(cold_times)
+    cold_s = Timing.of(cold_times)
 
     # Training reads features for shuffled batches of keys; do both sides in the same order and batch size.
     batch = cfg.features.batch_size
@@ -357,12 +368,14 @@ def _num(x: float | None, digits: int = 0) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    out = ["| what | items | seconds | items/s | baseline items/s | ratio | note |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    out = ["| what | items | seconds (median) | min–max s | items/s | baseline items/s | ratio | note |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         ratio = "–" if r.ratio is None else f"{r.ratio:.2f}x"
-        out.append(f"| {r.what} | {r.items:,} | {r.seconds:.3f} | {_num(r.ips)} | {_num(r.baseline_ips)} | "
-                   f"{ratio} | {r.note} |")
+        spread = getattr(r.seconds, "spread", None)
+        spread = "–" if spread is None else f"{spread[0]:.3f}–{spread[1]:.3f}"
+        out.append(f"| {r.what} | {r.items:,} | {r.seconds:.3f} | {spread} | {_num(r.ips)} | "
+                   f"{_num(r.baseline_ips)} | {ratio} | {r.note} |")
     return out
 
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import fsspec
+from braceexpand import braceexpand
 import pandas as pd
 import pyarrow as pa
 
@@ -176,7 +177,7 @@ def _resolve(source: str) -> _Source:
 
 
 def _resolve_on(fs: Any, path: str, source: str) -> _Source:
-    expanded = _expand_braces(path)
+    expanded = list(braceexpand(path))  # img2dataset shard patterns: {00000..00009}, {a,b}
     if expanded != [path]:
         if not all(p.endswith(TAR_SUFFIXES) for p in expanded):
             raise BadInputError(f"{source}: a brace pattern must expand to .tar shards, got e.g. {expanded[0]}")
@@ -208,33 +209,6 @@ def _resolve_on(fs: Any, path: str, source: str) -> _Source:
         if tars:
             return _Source("webdataset", fs, path, path, tars=tuple(tars))
     raise BadInputError(f"{LOOKED_FOR} at {source}")
-
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """img2dataset-style shard patterns: `{00000..00009}` (zero padding kept) and `{a,b}`; no nesting.
-
-    Written here because braceexpand is not a declared dependency and this is all shards need.
-    """
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [head + alt + rest for alt in _brace_alternatives(match.group(1)) for rest in _expand_braces(tail)]
-
-
-def _brace_alternatives(body: str) -> list[str]:
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        width = max(len(lo), len(hi)) if lo.startswith("0") or hi.startswith("0") else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        return [f"{i:0{width}d}" for i in range(int(lo), int(hi) + step, step)]
-    if "," in body:
-        return body.split(",")
-    return ["{" + body + "}"]  # not a pattern: literal braces, as in bash
 
 
 # --- webdataset ----------------------------------------------------------------------------

@@ -158,3 +158,17 @@ class FrozenTextEncoder(nn.Module):
 
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         return self.encode(captions)
+
+
+def parameter_count(kind: str, path: str | None) -> int:
+    """Parameters of the encoder, built on the meta device from its config alone (no weights read)."""
+    from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel, T5EncoderModel
+
+    model_dir = resolve_model_dir(kind, path)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if kind == "clip" and not isinstance(config, CLIPTextConfig):
+        config = config.text_config  # a full CLIP checkpoint: only the text tower is used
+    model_class = {"minilm": AutoModel, "t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
+    with torch.device("meta"):
+        model = model_class.from_config(config) if model_class is AutoModel else model_class(config)
+    return sum(p.numel() for p in model.parameters())

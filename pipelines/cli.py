@@ -119,7 +119,9 @@ def repro(
         raise StageError("dvc repro uses params.yaml's `profile:`; edit it (or `dvc exp run -S profile=NAME`) instead of --profile")
     parent = tracking.start_pipeline_run(cfg.tracking.experiment, cfg.profile, launcher="dvc")
     cmd = [sys.executable, "-m", "dvc", "repro"] + (["--force"] if force else []) + ([target] if target else [])
-    env = {**os.environ, tracking.PARENT_RUN_ENV: parent}
+    # dvc.yaml calls `cascade stage ...`: make it this environment's cascade even if .venv is not activated.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, tracking.PARENT_RUN_ENV: parent, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     typer.echo(f"pipeline run {parent} (profile {cfg.profile}); running: {' '.join(cmd[2:])}")
     code = subprocess.call(cmd, env=env)
     tracking.finish_pipeline_run(parent, ok=code == 0, reason=None if code == 0 else f"dvc repro exited {code}")
@@ -204,6 +206,22 @@ def config(
     typer.echo(yaml.safe_dump(tree, sort_keys=False).rstrip())
 
 
+@app.command()
+@user_errors
+def models() -> None:
+    """List the profile's models with parameter counts, built on the meta device (nothing is trained or loaded)."""
+    from models.text_encoder import parameter_count
+
+    cfg = _config()
+    enc = cfg.features.encoder
+    try:
+        n = parameter_count(enc.kind, enc.path)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    typer.echo(f"profile {cfg.profile}")
+    typer.echo(f"  text encoder ({enc.kind}, frozen): {n / 1e6:.1f}M parameters")
+
+
 # --- KFP ---------------------------------------------------------------------------------------
 
 @app.command(name="compile")
@@ -211,7 +229,7 @@ def config(
 def compile_(
     output: Path = typer.Option(Path("pipelines/cascade_pipeline.yaml"), "--output", "-o", help="Where to write the compiled pipeline YAML."),
 ) -> None:
-    """Compile the Kubeflow pipeline to YAML (upload it in the Kubeflow UI or with `cascade submit`)."""
+    """Compile the Kubeflow pipeline to YAML (upload it in the Kubeflow Pipelines UI)."""
     from pipelines.kfp_pipeline import compile_pipeline
 
     compile_pipeline(output, params_path=_state["params"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from models.text_encoder import FrozenTextEncoder, encoder_fingerprint, pooled
+from models.text_encoder import FrozenTextEncoder, encoder_fingerprint, parameter_count, pooled
 
 MAX_LENGTH = 16
 CAPTIONS = ["two small red circles above a blue square", "a green triangle", "a green triangle"]
@@ -146,3 +146,13 @@ def test_directory_without_weights(tmp_path, bert_tokenizer):
     bert_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"no \*\.safetensors weights"):
         FrozenTextEncoder.from_spec("t5", str(tmp_path), MAX_LENGTH)
+
+
+@pytest.mark.parametrize("kind", ["minilm", "t5", "clip"])
+def test_parameter_count_on_meta_matches_the_loaded_model(tmp_path, bert_tokenizer, minilm, kind):
+    if kind == "minilm":
+        path, loaded = None, minilm
+    else:
+        save_tiny(tmp_path, kind, bert_tokenizer)
+        path, loaded = str(tmp_path), FrozenTextEncoder.from_spec(kind, str(tmp_path), MAX_LENGTH)
+    assert parameter_count(kind, path) == sum(p.numel() for p in loaded.parameters())

@@ -17,7 +17,7 @@ from pipelines.cli import app
 from tests.conftest import REPO
 
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "compile", "run")
+COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "compile", "run")
 
 
 def invoke(*args) -> "object":
@@ -208,3 +208,10 @@ def test_stage_unknown_name_is_one_line_error(tmp_path: Path, monkeypatch, mlflo
 def test_run_without_local_is_one_line_error():
     line = assert_clean_failure(invoke("--params", PARAMS, "run"))
     assert "--local" in line
+
+
+def test_models_reports_parameter_counts_for_the_production_profile():
+    result = invoke("--params", PARAMS, "--profile", "base256", "models")
+    assert result.exit_code == 0, result.output
+    assert "profile base256" in result.stdout
+    assert "text encoder (minilm, frozen): 22.7M parameters" in result.stdout

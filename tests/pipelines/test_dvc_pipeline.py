@@ -31,7 +31,9 @@ def project(tmp_path, mlflow_uri):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root)
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("profile: tiny", "profile: smoke", 1))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_uri}
+    # .venv/bin deliberately not on PATH: `cascade repro` must find its own `cascade` for dvc.yaml
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": mlflow_uri}
     _sh(["git", "init", "-q"], root, env)
     _sh([str(BIN / "dvc"), "init", "-q"], root, env)
     _sh([str(BIN / "dvc"), "config", "core.analytics", "false"], root, env)
