@@ -52,6 +52,7 @@ from PIL import Image  # noqa: E402
 
 from components.config import load_config  # noqa: E402
 
+NOISY = 1.5  # max/min over the repeats above which a row is flagged: its median is not to be trusted far
 START, END = "<!-- bench_data:start -->", "<!-- bench_data:end -->"
 SECTION_TITLE = "## Data: ingestion, validation, feature cache"
 RESULTS_HEADER = """# Benchmark results
@@ -261,6 +262,10 @@ def bench_features(cfg, validate_dir: Path, work: Path, repeats: int, fast: int)
     from models.text_encoder import FrozenTextEncoder
 
     enc = cfg.features.encoder
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the features stage would use
+    # Loaded before the cold runs so that none of them pays the one-time transformers import;
+    # the online-encoding baseline below reuses it.
+    load_s, encoder = timed(lambda: FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length, device=device))
     cold_times, cold = [], None
     for i in range(repeats):  # each cold run starts from an empty cache, so it loads the encoder too
         log(f"features: cold run {i + 1}/{repeats}")
@@ -290,8 +295,6 @@ def bench_features(cfg, validate_dir: Path, work: Path, repeats: int, fast: int)
     log("FeatureStore.lookup vs online encoding")
     lookup_s, _ = median_of(lookup_all, fast)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # what the features stage would use
-    load_s, encoder = timed(lambda: FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length, device=device))
     encoder.encode([caption_of[k] for k in batches[0]])  # warm-up: first-call allocations, kernels
 
     def encode_all(_: int) -> None:
@@ -372,10 +375,12 @@ def table(rows: list[Row]) -> list[str]:
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         ratio = "–" if r.ratio is None else f"{r.ratio:.2f}x"
-        spread = getattr(r.seconds, "spread", None)
+        spread, note = getattr(r.seconds, "spread", None), r.note
+        if spread and spread[1] > NOISY * spread[0]:
+            note = "; ".join(filter(None, [note, f"**noisy**: max/min {spread[1] / spread[0]:.1f}x"]))
         spread = "–" if spread is None else f"{spread[0]:.3f}–{spread[1]:.3f}"
         out.append(f"| {r.what} | {r.items:,} | {r.seconds:.3f} | {spread} | {_num(r.ips)} | "
-                   f"{_num(r.baseline_ips)} | {ratio} | {r.note} |")
+                   f"{_num(r.baseline_ips)} | {ratio} | {note} |")
     return out
 
 
@@ -420,9 +425,12 @@ def section(args, cfg, mach: dict, user: tuple, builtin: list[Row], feats: tuple
         "process; excluded from the rows below)",
         f"- text encoder: {f['kind']} (dim {f['dim']}, max_length {f['max_length']}, cache dtype {f['dtype']}) "
         f"on {f['device']}; {f['n_unique']:,} unique captions, {f['mean_tokens']:.1f} tokens on average, "
-        f"{f['n_packs']} pack(s); loading the encoder takes {f['load_s']:.1f} s, part of every cold run",
+        f"{f['n_packs']} pack(s); first encoder load in the process (with the transformers import) {f['load_s']:.1f} s, excluded "
+        "from the rows below; the cold rows include the stage's own (warm-import) load",
         "",
-        "ratio = items/s of the row / baseline items/s (above 1: faster than the baseline).",
+        "ratio = items/s of the row / baseline items/s (above 1: faster than the baseline). Rows marked",
+        f"**noisy** varied by more than {NOISY}x across repeats (other load on the machine, or torch's",
+        "OpenMP threads on shared vCPUs): rerun on an idle machine, or try `--threads 1`, before comparing them.",
         "",
         *takeaways(user_rows, builtin, feat_rows),
         "",
@@ -466,12 +474,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fast-repeats", type=int, default=7,
                         help="timed runs of every other measurement (a second or less each; noisier)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for the whole run (default: torch's own choice)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir with every dataset it wrote")
     args = parser.parse_args(argv)
     if min(args.n, args.repeats, args.fast_repeats, args.per_tar) < 1:
         parser.error("--n, --per-tar, --repeats and --fast-repeats must be >= 1")
 
     cfg = load_config(args.params, args.profile, overrides={"data.source": "builtin"})
+    if args.threads:
+        torch.set_num_threads(args.threads)
     mach = machine()  # before the run: the load average should show what else was running
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bench_data-"))

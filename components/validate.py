@@ -50,7 +50,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -157,11 +157,13 @@ class ValidateResult:
         return metrics
 
 
-def run(cfg: ValidateConfig, data_dir: Path, out_dir: Path) -> ValidateResult:
+def run(cfg: ValidateConfig, data_dir: Path, out_dir: Path,
+        progress: Callable[[int], None] | None = None) -> ValidateResult:
+    """Check every item; `progress` is called with the number of items checked so far."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     manifest_path = data_dir / MANIFEST_FILE
     manifest = _load_manifest(manifest_path)
-    problems = _check_all(cfg, data_dir, manifest)
+    problems = _check_all(cfg, data_dir, manifest, progress)
 
     quarantined = sorted(problems)
     accepted_rows = [pos for pos in range(len(manifest)) if pos not in problems]
@@ -241,10 +243,10 @@ def run(cfg: ValidateConfig, data_dir: Path, out_dir: Path) -> ValidateResult:
 
 
 def execute(cfg: CascadeConfig, data_dir: Path, out_dir: Path, metrics_file: Path,
-            parent_run_id: str | None = None) -> ValidateResult:
+            parent_run_id: str | None = None, progress: Callable[[int], None] | None = None) -> ValidateResult:
     """`run` inside the stage's MLflow run (what `cascade stage validate` and the KFP task call)."""
     return tracked(
-        "validate", cfg, lambda: run(cfg.validate, data_dir, out_dir), metrics_file,
+        "validate", cfg, lambda: run(cfg.validate, data_dir, out_dir, progress), metrics_file,
         inputs=lambda: [TrackedInput(Path(data_dir) / MANIFEST_FILE, "manifest", "validate")],
         artifacts=lambda result: [result.summary_path, result.quarantine_path, result.data_docs_dir],
         parent_run_id=parent_run_id,
@@ -293,7 +295,8 @@ def _load_manifest(path: Path) -> pd.DataFrame:
     return manifest
 
 
-def _check_all(cfg: ValidateConfig, data_dir: Path, manifest: pd.DataFrame) -> dict[int, Problem]:
+def _check_all(cfg: ValidateConfig, data_dir: Path, manifest: pd.DataFrame,
+               progress: Callable[[int], None] | None = None) -> dict[int, Problem]:
     """Problems by manifest position; positions absent from the result are accepted."""
     position = {key: pos for pos, key in enumerate(manifest["key"])}
     problems: dict[int, Problem] = {}
@@ -304,14 +307,19 @@ def _check_all(cfg: ValidateConfig, data_dir: Path, manifest: pd.DataFrame) -> d
         problems[int(pos)] = ingest or (MISSING_IMAGE, "no shard recorded for this item")
     _check_shards_inside(data_dir, manifest.loc[has_shard, "shard"])
 
+    done = 0
     with _strict_pil(cfg.max_pixels):
-        for row, members in _read_items(data_dir, manifest[has_shard]):
+        for done, (row, members) in enumerate(_read_items(data_dir, manifest[has_shard]), start=1):
             pos = position[row["key"]]
             problem, digest = _check_item(cfg, row, members)
             if problem:
                 problems[pos] = problem
             else:
                 digests[pos] = digest
+            if progress and done % 256 == 0:
+                progress(done)
+    if progress:
+        progress(done)
 
     kept: dict[str, str] = {}  # sha256 -> key of the accepted item that first had it
     for pos in sorted(digests):  # manifest order decides which copy is "earlier"

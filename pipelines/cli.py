@@ -85,7 +85,9 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
     if name == "validate":
         from components import validate
 
-        return validate.execute(cfg, layout.out("data"), layout.out("validate"), layout.metrics("validate"), parent_run_id)
+        with progress_bar("validate") as progress:
+            return validate.execute(cfg, layout.out("data"), layout.out("validate"), layout.metrics("validate"),
+                                    parent_run_id, progress)
     if name == "features":
         from components import features
 
@@ -159,7 +161,8 @@ def validate(
 
     out = out or data_dir / "validation"
     try:
-        result = validate_mod.run(_config().validate, data_dir, out)
+        with progress_bar("validate") as progress:
+            result = validate_mod.run(_config().validate, data_dir, out, progress)
     except StageError:
         typer.echo(validate_mod.summarize_dir(out))
         raise

@@ -15,7 +15,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A private MLflow store for one test, so tests never write the repo's mlflow.db."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for stage subprocesses (dvc, kfp.local)
     monkeypatch.delenv("CASCADE_PARENT_RUN_ID", raising=False)
-    return uri
+    mlflow.set_tracking_uri(uri)  # in-process: an earlier test's set_tracking_uri would win over the env
+    yield uri
+    mlflow.set_tracking_uri(None)

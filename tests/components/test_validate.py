@@ -217,9 +217,11 @@ def test_too_many_bad_items_fails_after_writing_every_output(bad_run, tmp_path):
 def test_clean_dataset_passes_with_the_params_yaml_config(tmp_path):
     cfg = load_config(profile="smoke").validate
     data_dir = _write_dataset(tmp_path / "data", GOOD)
-    result = validate.run(cfg, data_dir, tmp_path / "out")
+    seen: list[int] = []
+    result = validate.run(cfg, data_dir, tmp_path / "out", progress=seen.append)
     assert result.passed and result.gx_success
     assert (result.n_items, result.n_quarantined, result.reason_counts) == (len(GOOD), 0, {})
+    assert seen and seen[-1] == len(GOOD)  # the progress bar ends at the item count
     assert pq.read_table(result.quarantine_path).num_rows == 0
 
 
