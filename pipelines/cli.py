@@ -116,9 +116,12 @@ def repro(
     """Run the pipeline with `dvc repro` under one MLflow parent run (the embedded default end to end)."""
     from components import tracking
 
-    cfg = _config()
+    from components.config import load_config
+
+    cfg = load_config(_state["params"])  # the profile DVC sees: params.yaml's own `profile:`
     if _state["profile"] and _state["profile"] != cfg.profile:
-        raise StageError("dvc repro uses params.yaml's `profile:`; edit it (or `dvc exp run -S profile=NAME`) instead of --profile")
+        raise StageError(f"dvc repro uses params.yaml's `profile: {cfg.profile}`; edit it "
+                         f"(or `dvc exp run -S profile={_state['profile']}`) instead of passing --profile")
     parent = tracking.start_pipeline_run(cfg.tracking.experiment, cfg.profile, launcher="dvc")
     cmd = [sys.executable, "-m", "dvc", "repro"] + (["--force"] if force else []) + ([target] if target else [])
     # dvc.yaml calls `cascade stage ...`: make it this environment's cascade even if .venv is not activated.
@@ -181,9 +184,8 @@ def check(
     from models.checker import check as exact_check
 
     try:
-        target = caption
         with Image.open(image) as im:
-            result = exact_check(im.convert("RGB"), target)
+            result = exact_check(im.convert("RGB"), caption)
     except (ValueError, OSError, Image.DecompressionBombError) as err:  # bad caption; unreadable image
         raise StageError(str(err)) from None
     for category, ok in result.to_dict().items():

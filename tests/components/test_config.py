@@ -26,32 +26,17 @@ def test_default_profile_comes_from_params_yaml():
     assert load_config(PARAMS).profile == "tiny"
 
 
-def _with(text: str) -> str:
-    return PARAMS.read_text() + text
-
-
-def test_unknown_key_fails_with_full_path(tmp_path):
-    bad = PARAMS.read_text().replace("    n_train: 4000", "    n_train: 4000\n    n_trian: 5")
-    with pytest.raises(ConfigError, match=r"data\.builtin\.n_trian: unknown key"):
-        load_config(text=bad)
-
-
-def test_missing_key_fails_with_full_path():
-    bad = PARAMS.read_text().replace("    max_length: 32\n", "")
-    with pytest.raises(ConfigError, match=r"features\.encoder\.max_length: missing key"):
-        load_config(text=bad)
-
-
-def test_unknown_key_in_profile_overlay_names_the_overlay_path():
-    bad = PARAMS.read_text().replace("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3")
-    with pytest.raises(ConfigError, match=r"profiles\.tiny\.data\.shard_sise: unknown key"):
-        load_config(text=bad)
-
-
-def test_wrong_type_is_reported_with_path_and_value():
-    bad = PARAMS.read_text().replace("shard_size: 1000", "shard_size: lots")
-    with pytest.raises(ConfigError, match=r"data\.shard_size: .*'lots'"):
-        load_config(text=bad)
+@pytest.mark.parametrize("edit, message", [
+    (("    n_train: 4000", "    n_train: 4000\n    n_trian: 5"), r"data\.builtin\.n_trian: unknown key"),
+    (("    max_length: 32\n", ""), r"features\.encoder\.max_length: missing key"),
+    (("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3"), r"profiles\.tiny\.data\.shard_sise: unknown key"),
+    (("shard_size: 1000", "shard_size: lots"), r"data\.shard_size: .*'lots'"),
+], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type"])
+def test_bad_params_fail_at_load_with_the_full_key_path(edit, message):
+    text = PARAMS.read_text()
+    assert edit[0] in text  # the edit must really change params.yaml
+    with pytest.raises(ConfigError, match=message):
+        load_config(text=text.replace(*edit))
 
 
 def test_unknown_profile_and_override_errors():

@@ -215,3 +215,8 @@ def test_models_reports_parameter_counts_for_the_production_profile():
     assert result.exit_code == 0, result.output
     assert "profile base256" in result.stdout
     assert "text encoder (minilm, frozen): 22.7M parameters" in result.stdout
+
+
+def test_repro_refuses_a_profile_dvc_cannot_see():
+    line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "base256", "repro"))
+    assert "dvc repro uses params.yaml's `profile:" in line and "dvc exp run -S profile=base256" in line
