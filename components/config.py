@@ -74,6 +74,62 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class TokenizerModelConfig:
+    """One tokenizer's architecture (models.tokenizer.TokenizerSpec without the shared fields)."""
+
+    resolution: int  # images are centre-cropped and resized to this side
+    downsample: int  # token grid side = resolution // downsample
+    channels: tuple[int, ...]  # len == log2(downsample) + 1
+    layers_per_block: int
+    latent_channels: int
+    codebook_size: int  # vqgan codes (<= 65536: tokens are stored as uint16); ignored for kl
+    norm_groups: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TokenizerTrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    betas: tuple[float, float]
+    warmup_steps: int
+    l1_weight: float
+    l2_weight: float
+    reg_weight: float  # codebook + commitment (vqgan) or KL (kl) loss weight
+    disc_start: int  # step at which the adversarial loss switches on
+    disc_weight: float
+    disc_lr: float
+    restart_every: int  # dead-code restart interval in steps (vqgan); 0 = off
+    checkpoint_every: int  # Lightning checkpoint (with save_last) every N steps, for resume
+    seed: int
+    precision: str  # "auto": bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
+    devices: int  # >1 trains with DDP
+    num_workers: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PerceptualConfig:
+    weights: Optional[str]  # safetensors of VGG16 features (+ LPIPS heads); null = off
+    weight: float
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TokenizerConfig:
+    kind: Literal["vqgan", "kl"]
+    commitment_beta: float
+    base: TokenizerModelConfig
+    superres: TokenizerModelConfig
+    train: TokenizerTrainConfig
+    perceptual: PerceptualConfig
+    eval_images: int  # validation images scored for PSNR/L1/usage (and shown in grids)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TokensConfig:
+    batch_size: int
+
+
+@dataclass(frozen=True, config=_STRICT)
 class TrackingConfig:
     experiment: str
 
@@ -85,6 +141,8 @@ class CascadeConfig:
     data: DataConfig
     validate: ValidateConfig
     features: FeaturesConfig
+    tokenizer: TokenizerConfig
+    tokens: TokensConfig
 
 
 def _overlay(base: dict, overlay: dict, path: str) -> dict:

@@ -8,6 +8,7 @@ metrics file. Launchers only choose paths.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
@@ -17,7 +18,7 @@ from components.config import CascadeConfig, flatten, to_dict
 from components.errors import StageError
 from components.io import write_json
 
-STAGES = ("data", "validate", "features")
+STAGES = ("data", "validate", "features", "tokenizer", "tokens")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class Layout:
 
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
+
+    def checkpoints(self, stage: str) -> Path:
+        """Training checkpoints: outside DVC's outs (DVC clears those before a run), so a killed
+        run resumes. $CASCADE_CHECKPOINT_DIR moves them (e.g. onto a PVC)."""
+        root = os.environ.get("CASCADE_CHECKPOINT_DIR")
+        return (Path(root) if root else self.root / "checkpoints") / stage
 
 
 @dataclass(frozen=True)

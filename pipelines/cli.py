@@ -94,12 +94,24 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
         with progress_bar("features", None, unit="caption") as progress:
             return features.execute(cfg, layout.out("validate"), layout.out("features"), layout.metrics("features"),
                                     parent_run_id, progress)
+    if name == "tokenizer":
+        from components import tokenizer
+
+        return tokenizer.execute(cfg, layout.out("data"), layout.out("validate"), layout.out("tokenizer"),
+                                 layout.checkpoints("tokenizer"), layout.metrics("tokenizer"), parent_run_id)
+    if name == "tokens":
+        from components import tokens
+
+        with progress_bar("tokens", None, unit="image") as progress:
+            return tokens.execute(cfg, layout.out("data"), layout.out("validate"), layout.out("tokenizer"),
+                                  layout.out("tokens"), layout.metrics("tokens"), layout.out("features"),
+                                  parent_run_id, progress)
     raise AssertionError(name)
 
 
 @app.command()
 @user_errors
-def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features.")) -> None:
+def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features | tokenizer | tokens.")) -> None:
     """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this."""
     from components.stage import Layout
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from kfp import compiler, dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 # Built from infra/Dockerfile; holds this package and its pinned dependencies.
 IMAGE = "ghcr.io/cascade-t2i/cascade:0.1.0"
@@ -57,6 +57,25 @@ def features(params: str, profile: str, parent_run_id: str, validated: Input[Dat
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tokenizer(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset], validated: Input[Dataset],
+              tokenizers: Output[Model], metrics: Output[Metrics]):
+    """Stage `tokenizer`: base + super-res VQGAN (or KL-VAE) training with checkpoint/resume."""
+    from pipelines.kfp_tasks import tokenizer_task
+
+    tokenizer_task(params, profile, parent_run_id, dataset, validated, tokenizers, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tokens(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset], validated: Input[Dataset],
+           text_features: Input[Dataset], tokenizers: Input[Model], image_tokens: Output[Dataset],
+           metrics: Output[Metrics]):
+    """Stage `tokens`: every accepted image encoded once by both tokenizers (content-addressed)."""
+    from pipelines.kfp_tasks import tokens_task
+
+    tokens_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED with the failing task's reason."""
     from pipelines.kfp_tasks import finish_pipeline_task
@@ -67,7 +86,7 @@ def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl
 def build_pipeline(params_text: str):
     """The pipeline function, with `params_text` (a params.yaml) as the default of `params`."""
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features.")
+    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features, tokenizer -> tokens.")
     def cascade_pipeline(
         profile: str = "tiny",
         data_source: str = "",
@@ -82,8 +101,13 @@ def build_pipeline(params_text: str):
             data_step = data(params=params, profile=profile, data_source=data_source, parent_run_id=start.output)
             validate_step = validate(params=params, profile=profile, parent_run_id=start.output,
                                      dataset=data_step.outputs["dataset"])
-            features(params=params, profile=profile, parent_run_id=start.output,
-                     validated=validate_step.outputs["validated"])
+            features_step = features(params=params, profile=profile, parent_run_id=start.output,
+                                     validated=validate_step.outputs["validated"])
+            tokenizer_step = tokenizer(params=params, profile=profile, parent_run_id=start.output,
+                                       dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"])
+            tokens(params=params, profile=profile, parent_run_id=start.output, dataset=data_step.outputs["dataset"],
+                   validated=validate_step.outputs["validated"], text_features=features_step.outputs["text_features"],
+                   tokenizers=tokenizer_step.outputs["tokenizers"])
 
     return cascade_pipeline
 

@@ -77,6 +77,34 @@ def features_task(params, profile, parent_run_id, validated, text_features, metr
     _log_metrics(metrics, result.metrics)
 
 
+def _checkpoint_root(stage: str) -> Path:
+    # $CASCADE_CHECKPOINT_DIR (a PVC on a cluster) makes a retried task resume; else a scratch dir.
+    import os
+
+    root = os.environ.get("CASCADE_CHECKPOINT_DIR")
+    return (Path(root) if root else Path(tempfile.mkdtemp(prefix="cascade-ckpt-"))) / stage
+
+
+def tokenizer_task(params, profile, parent_run_id, dataset, validated, tokenizers, metrics) -> None:
+    from components import tokenizer
+
+    cfg = _config(params, profile)
+    result = tokenizer.execute(cfg, Path(dataset.path), Path(validated.path), Path(tokenizers.path),
+                               _checkpoint_root("tokenizer"), _metrics_file(), parent_run_id)
+    tokenizers.metadata.update({"kind": cfg.tokenizer.kind, **{k: v for k, v in result.metrics.items() if "psnr" in k}})
+    _log_metrics(metrics, result.metrics)
+
+
+def tokens_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens, metrics) -> None:
+    from components import tokens
+
+    cfg = _config(params, profile)
+    result = tokens.execute(cfg, Path(dataset.path), Path(validated.path), Path(tokenizers.path),
+                            Path(image_tokens.path), _metrics_file(), Path(text_features.path), parent_run_id)
+    image_tokens.metadata.update({"n_items": result.n_items})
+    _log_metrics(metrics, result.metrics)
+
+
 def validation_report_html(validate_dir: Path) -> str:
     """A self-contained page for the KFP UI: pass/fail, counts, quarantine reasons."""
     summary = json.loads((validate_dir / "summary.json").read_text())

@@ -1,0 +1,411 @@
+"""Image tokenizers: a VQGAN (Muse's discrete tokens) or a KL-VAE (continuous latents).
+
+Both are diffusers autoencoders (`VQModel`, `AutoencoderKL`) wrapped behind one interface:
+
+    images [B,3,R,R] in [-1,1] --encode--> codes --decode--> images [B,3,R,R]
+    vqgan codes: indices [B,g,g] long in [0, codebook_size)   (g = R // downsample)
+    kl codes:    posterior-mean latents [B,C,g,g]
+
+The VQGAN's quantizer is our own lookup over VQModel's codebook parameter (`vq.quantize.embedding`):
+diffusers' VectorQuantizer does a plain Euclidean lookup on the full latent, which on CPU-budget
+runs collapses to a few codes. We follow ViT-VQGAN (Yu et al. 2022) instead: codes live in a
+low-dimensional space (`codebook_dim`, via VQModel's `vq_embed_dim` quant_conv) and both latents and
+codes are l2-normalised before the nearest-neighbour lookup (cosine similarity), which keeps code
+usage high; `restart_dead_codes` (taming-style) re-seeds the codes that still go unused.
+`quantizer="euclidean"` uses diffusers' own VectorQuantizer unchanged (with the non-legacy beta).
+
+Weights are saved as safetensors next to a small JSON file holding the typed spec, so a loader can
+check the architecture before touching the tensors; nothing here loads a pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KINDS = ("vqgan", "kl")
+QUANTIZERS = ("l2", "euclidean")
+MAX_CODEBOOK = 65536  # tokens are stored as uint16
+FORMAT = "cascade-tokenizer"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "tokenizer.safetensors"
+SPEC_FILE = "tokenizer.json"
+
+
+# -----------------------------------------------------------------------------
+# spec
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Typed architecture of one tokenizer; saved next to its weights."""
+
+    kind: str  # "vqgan" | "kl"
+    resolution: int  # input image side (square RGB)
+    downsample: int  # power of two >= 1; token grid side = resolution // downsample
+    channels: tuple[int, ...]  # block_out_channels; len == log2(downsample) + 1
+    layers_per_block: int
+    latent_channels: int  # encoder output channels (VQ: before the quant_conv to codebook_dim)
+    codebook_size: int  # vqgan: number of codes (<= 65536); kl: 0
+    norm_groups: int = 32
+    commitment_beta: float = 0.25
+    codebook_dim: int = 0  # vqgan lookup-space dim (ViT-VQGAN factorised codes); 0 = latent_channels
+    quantizer: str = "l2"  # vqgan: "l2" (cosine lookup) | "euclidean" (diffusers VectorQuantizer)
+    mid_attention: bool = True  # self-attention in the encoder/decoder mid blocks (diffusers default)
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"tokenizer spec: {msg}")
+
+        if self.kind not in KINDS:
+            raise bad(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("resolution", "downsample", "layers_per_block", "latent_channels", "norm_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(f"{name} must be a positive integer, got {value!r}")
+        if self.downsample & (self.downsample - 1):
+            raise bad(f"downsample must be a power of two, got {self.downsample}")
+        if self.resolution % self.downsample:
+            raise bad(f"resolution {self.resolution} is not divisible by downsample {self.downsample}")
+        n_blocks = int(math.log2(self.downsample)) + 1
+        if len(self.channels) != n_blocks:
+            raise bad(
+                f"downsample {self.downsample} needs len(channels) == log2(downsample) + 1 == {n_blocks}, "
+                f"got {len(self.channels)} ({list(self.channels)})"
+            )
+        for c in self.channels:
+            if c < 1 or c % self.norm_groups:
+                raise bad(f"every channel count must be a positive multiple of norm_groups {self.norm_groups}, got {c}")
+        if self.kind == "vqgan":
+            if not isinstance(self.codebook_size, int) or not 2 <= self.codebook_size <= MAX_CODEBOOK:
+                raise bad(f"vqgan codebook_size must be in 2..{MAX_CODEBOOK} (tokens are uint16), got {self.codebook_size!r}")
+            if self.quantizer not in QUANTIZERS:
+                raise bad(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+            if not isinstance(self.codebook_dim, int) or self.codebook_dim < 0:
+                raise bad(f"codebook_dim must be >= 0 (0 = latent_channels), got {self.codebook_dim!r}")
+        elif self.codebook_size != 0:
+            raise bad(f"kl tokenizers have no codebook: codebook_size must be 0, got {self.codebook_size}")
+        if not self.commitment_beta >= 0:
+            raise bad(f"commitment_beta must be >= 0, got {self.commitment_beta}")
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.downsample
+
+    @property
+    def code_dim(self) -> int:
+        """Dimension of the vectors the codebook holds (vqgan) / of the latents (kl)."""
+        if self.kind == "vqgan" and self.codebook_dim:
+            return self.codebook_dim
+        return self.latent_channels
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TokenizerSpec:
+        if not isinstance(d, dict):
+            raise ValueError(f"tokenizer spec: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"tokenizer spec: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**d)
+        except TypeError as e:  # missing required keys
+            raise ValueError(f"tokenizer spec: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class TokenizerOutput:
+    recon: Tensor  # [B,3,R,R]
+    reg_loss: Tensor  # scalar: vqgan codebook + commitment loss; kl: KL divergence (mean per element)
+    indices: Tensor | None  # [B,g,g] long (vqgan) else None
+    latents: Tensor  # encoder output before quantisation/sampling [B,C,g,g] (vqgan: C = code_dim)
+
+
+class ImageTokenizer(nn.Module):
+    """A diffusers VQModel (kind vqgan) or AutoencoderKL (kind kl) behind the codes interface."""
+
+    def __init__(self, spec: TokenizerSpec):
+        super().__init__()
+        from diffusers import AutoencoderKL, VQModel
+        from diffusers.models.autoencoders.vae import VectorQuantizer
+
+        self.spec = spec
+        n = len(spec.channels)
+        common = dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=spec.channels,
+            layers_per_block=spec.layers_per_block,
+            latent_channels=spec.latent_channels,
+            norm_num_groups=spec.norm_groups,
+            sample_size=spec.resolution,
+            mid_block_add_attention=spec.mid_attention,
+        )
+        if spec.kind == "vqgan":
+            self.vq = VQModel(num_vq_embeddings=spec.codebook_size, vq_embed_dim=spec.code_dim, **common)
+            # diffusers builds its quantizer with legacy=True (beta on the codebook term, see its NOTE);
+            # same parameter names, so checkpoints are interchangeable
+            self.vq.quantize = VectorQuantizer(spec.codebook_size, spec.code_dim, beta=spec.commitment_beta, legacy=False)
+            if spec.quantizer == "l2":
+                nn.init.normal_(self.codebook)  # unit-scale rows: cosine lookup ignores the norm anyway
+        else:
+            self.vae = AutoencoderKL(**common)
+        self._check_contracts()
+
+    def _check_contracts(self) -> None:
+        """Structural checks that the built network matches the spec (no forward pass needed)."""
+        s = self.spec
+        net = self.vq if self.is_vq else self.vae
+        n_down = sum(1 for b in net.encoder.down_blocks if b.downsamplers is not None)
+        n_up = sum(1 for b in net.decoder.up_blocks if b.upsamplers is not None)
+        assert 2**n_down == s.downsample == 2**n_up, (n_down, n_up, s.downsample)
+        assert net.decoder.conv_out.out_channels == 3
+        if self.is_vq:
+            assert tuple(self.codebook.shape) == (s.codebook_size, s.code_dim)
+            assert self.vq.quant_conv.out_channels == s.code_dim
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def is_vq(self) -> bool:
+        return self.spec.kind == "vqgan"
+
+    @property
+    def codebook_size(self) -> int:
+        return self.spec.codebook_size if self.is_vq else 0
+
+    @property
+    def codebook(self) -> nn.Parameter:
+        """[K, D] code vectors (vqgan only)."""
+        return self.vq.quantize.embedding.weight
+
+    def last_decoder_weight(self) -> nn.Parameter:
+        """Weight of the decoder's final conv, for the adaptive GAN weight (taming)."""
+        net = self.vq if self.is_vq else self.vae
+        return net.decoder.conv_out.weight
+
+    # -- core ------------------------------------------------------------------
+
+    def _check_images(self, images: Tensor) -> None:
+        r = self.spec.resolution
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, r, r):
+            raise ValueError(f"tokenizer expects images of shape [B,3,{r},{r}], got {list(images.shape)}")
+
+    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z [B,D,g,g] -> (z_q [B,D,g,g] straight-through, codebook+commitment loss, indices [B,g,g])."""
+        B, D, g, _ = z.shape
+        if self.spec.quantizer == "euclidean":
+            z_q, loss, (_, _, idx) = self.vq.quantize(z)
+            return z_q, loss, idx.view(B, g, g)
+        flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D), dim=1)  # [N,D], N = B*g*g
+        codes = F.normalize(self.codebook, dim=1)  # [K,D]
+        idx = (flat @ codes.t()).argmax(dim=1)  # [N]: max cosine == min l2 between unit vectors
+        q = codes[idx]  # [N,D]
+        beta = self.spec.commitment_beta
+        # codebook term pulls codes to the encoder, commitment term (beta) the encoder to its code
+        loss = F.mse_loss(q, flat.detach()) + beta * F.mse_loss(flat, q.detach())
+        q = flat + (q - flat).detach()  # straight-through estimator
+        z_q = q.view(B, g, g, D).permute(0, 3, 1, 2).contiguous()
+        return z_q, loss, idx.view(B, g, g)
+
+    def _lookup(self, indices: Tensor) -> Tensor:
+        """indices [B,g,g] -> code vectors [B,D,g,g] as the decoder sees them."""
+        codes = self.codebook
+        if self.spec.quantizer == "l2":
+            codes = F.normalize(codes, dim=1)
+        return codes[indices].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, images: Tensor) -> TokenizerOutput:
+        self._check_images(images)
+        if self.is_vq:
+            z = self.vq.encode(images).latents  # [B,D,g,g]
+            z_q, reg, idx = self._quantize(z)
+            recon = self.vq.decode(z_q, force_not_quantize=True).sample  # [B,3,R,R]
+            return TokenizerOutput(recon=recon, reg_loss=reg, indices=idx, latents=z)
+        post = self.vae.encode(images).latent_dist
+        z = post.sample() if self.training else post.mode()  # [B,C,g,g]
+        recon = self.vae.decode(z).sample
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()  # per element
+        return TokenizerOutput(recon=recon, reg_loss=kl, indices=None, latents=post.mean)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """vqgan: indices [B,g,g] long; kl: posterior-mean latents [B,C,g,g]."""
+        self._check_images(images)
+        if self.is_vq:
+            return self._quantize(self.vq.encode(images).latents)[2]
+        return self.vae.encode(images).latent_dist.mode()
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """indices [B,g,g] (vqgan) or latents [B,C,g,g] (kl) -> images [B,3,R,R] in ~[-1,1]."""
+        g = self.spec.grid
+        if self.is_vq:
+            if codes.ndim != 3 or tuple(codes.shape[1:]) != (g, g) or codes.dtype.is_floating_point:
+                raise ValueError(f"vqgan decode expects integer indices [B,{g},{g}], got {codes.dtype} {list(codes.shape)}")
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+                raise ValueError(f"token indices must lie in [0, {self.codebook_size}), got {int(codes.min())}..{int(codes.max())}")
+            return self.vq.decode(self._lookup(codes.long()), force_not_quantize=True).sample
+        c = self.spec.latent_channels
+        if codes.ndim != 4 or tuple(codes.shape[1:]) != (c, g, g):
+            raise ValueError(f"kl decode expects latents [B,{c},{g},{g}], got {list(codes.shape)}")
+        return self.vae.decode(codes).sample
+
+    @torch.no_grad()
+    def restart_dead_codes(self, latents: Tensor, usage: Tensor, min_usage: float = 1.0) -> int:
+        """Re-seed codes used fewer than `min_usage` times with random encoder outputs (taming-style).
+
+        latents [N,D] are flattened encoder outputs in the lookup space (e.g. TokenizerOutput.latents
+        of the last batch, permuted to [B,g,g,D] and flattened); usage [K] counts per code.
+        Returns how many codes were restarted; live codes are untouched.
+        """
+        if not self.is_vq:
+            raise ValueError("restart_dead_codes applies to vqgan tokenizers only")
+        K, D = self.codebook.shape
+        if usage.shape != (K,):
+            raise ValueError(f"usage must have shape [{K}], got {list(usage.shape)}")
+        if latents.ndim != 2 or latents.shape[1] != D or latents.shape[0] == 0:
+            raise ValueError(f"latents must have shape [N,{D}] with N > 0, got {list(latents.shape)}")
+        dead = (usage.to(self.codebook.device) < min_usage).nonzero().flatten()  # [n_dead]
+        if dead.numel() == 0:
+            return 0
+        src = latents.detach().to(self.codebook)
+        if self.spec.quantizer == "l2":
+            src = F.normalize(src, dim=1)
+        pick = torch.randint(0, src.shape[0], (dead.numel(),), device=src.device)
+        new = src[pick]  # [n_dead,D]
+        # a little noise so codes seeded from the same latent do not stay identical
+        new = new + 0.01 * new.norm(dim=1, keepdim=True).clamp_min(1e-6) * torch.randn_like(new) / math.sqrt(D)
+        self.codebook.data[dead] = new
+        return int(dead.numel())
+
+
+def codebook_stats(indices: Tensor, codebook_size: int) -> tuple[float, float]:
+    """(fraction of codes used at least once, perplexity = exp(entropy) of the code histogram)."""
+    counts = torch.bincount(indices.flatten().long().cpu(), minlength=codebook_size).double()  # [K]
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((counts > 0).sum() / codebook_size), float(entropy.exp())
+
+
+# -----------------------------------------------------------------------------
+# save / load
+
+
+def save_tokenizer(model: ImageTokenizer, directory: Path) -> Path:
+    """directory/tokenizer.safetensors (state_dict) + directory/tokenizer.json (spec); returns the former."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / WEIGHTS_FILE
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # write-then-rename so a killed run never leaves a half-written checkpoint under the final name
+    tmp = weights.with_suffix(".safetensors.tmp")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    tmp.replace(weights)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": model.spec.to_dict()}
+    (directory / SPEC_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return weights
+
+
+def _read_spec(path: Path) -> TokenizerSpec:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (not a saved tokenizer directory?)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file (format field is {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported version {meta.get('version')!r} (this code reads {FORMAT_VERSION})")
+    try:
+        return TokenizerSpec.from_dict(meta.get("spec"))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_tokenizer(directory: Path, expect: TokenizerSpec | None = None, device="cpu") -> ImageTokenizer:
+    """Load a tokenizer saved by save_tokenizer (safetensors only); eval mode.
+
+    With `expect`, the saved spec must equal it field by field. Every failure is a one-line
+    ValueError naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: tokenizer directory does not exist")
+    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    spec = _read_spec(spec_path)
+    if expect is not None and spec != expect:
+        for f in fields(TokenizerSpec):
+            saved, wanted = getattr(spec, f.name), getattr(expect, f.name)
+            if saved != wanted:
+                raise ValueError(f"{spec_path}: {f.name} {_fmt(saved)} does not match the config's {_fmt(wanted)}")
+    if not weights_path.is_file():
+        raise ValueError(f"{weights_path}: missing")
+    try:
+        state = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split())
+        raise ValueError(f"{weights_path}: corrupt or truncated safetensors ({reason})") from None
+    model = ImageTokenizer(spec)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        n = len(missing) + len(unexpected)
+        raise ValueError(f"{weights_path}: does not match the spec in {SPEC_FILE}: {what} ({n} key(s) differ)")
+    for k, v in own.items():
+        if state[k].shape != v.shape:
+            raise ValueError(
+                f"{weights_path}: {k} has shape {list(state[k].shape)}, the spec in {SPEC_FILE} needs {list(v.shape)}"
+            )
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _fmt(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def tokenizer_digest(directory: Path) -> str:
+    """sha256 over tokenizer.json + tokenizer.safetensors bytes: the `tokens` stage's content address."""
+    directory = Path(directory)
+    h = hashlib.sha256()
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing")
+        h.update(name.encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

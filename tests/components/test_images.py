@@ -1,0 +1,61 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.errors import BadInputError
+from components.images import ShardImageDataset, square_resize, to_tensor, to_uint8
+from components.io import Sample, ShardWriter, read_manifest
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(7)]
+    with ShardWriter(tmp_path, shard_size=3) as writer:  # several shards: random access across them
+        for i, a in enumerate(arrays):
+            writer.write(Sample(key=f"k{i}", split="train", image=_png(a), image_ext="png", caption=b"x"))
+    return tmp_path, arrays
+
+
+def test_random_access_returns_each_image_exactly(dataset_dir):
+    root, arrays = dataset_dir
+    dataset = ShardImageDataset(root, read_manifest(root), resolution=16)
+    assert len(dataset) == 7
+    for i in (6, 0, 4, 2):  # out of order, across shards
+        x = dataset[i]
+        assert x.shape == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+        assert np.array_equal(to_uint8(x[None])[0], arrays[i])
+
+
+def test_downscaling_averages_and_nonsquare_is_centre_cropped():
+    image = Image.fromarray(np.concatenate([np.zeros((8, 4, 3), np.uint8), np.full((8, 12, 3), 255, np.uint8)], axis=1))
+    out = square_resize(image, 4, "x")  # 8x16 -> centre 8x8 (cols 4..12: all white) -> 4x4
+    assert out.size == (4, 4) and np.asarray(out).min() == 255
+    assert torch.allclose(to_tensor(Image.new("RGB", (2, 2), (255, 0, 0)))[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
+
+
+def test_images_smaller_than_the_tokenizer_give_one_line_naming_the_item(dataset_dir):
+    root, _ = dataset_dir
+    dataset = ShardImageDataset(root, read_manifest(root), resolution=32)
+    with pytest.raises(BadInputError, match=r"shards/train-000000.tar:k0: image is 16x16, smaller than the tokenizer's 32x32"):
+        dataset[0]
+
+
+def test_missing_shard_or_member_is_a_clear_error(dataset_dir):
+    root, _ = dataset_dir
+    manifest = read_manifest(root)
+    (root / "shards" / "train-000002.tar").unlink()
+    with pytest.raises(BadInputError, match="shard listed in the manifest is missing"):
+        ShardImageDataset(root, manifest, 16)
+    manifest = manifest.head(2).assign(image_member="nope.png")
+    with pytest.raises(BadInputError, match="no member 'nope.png'"):
+        ShardImageDataset(root, manifest, 16)
