@@ -84,6 +84,9 @@ class TokenizerModelConfig:
     latent_channels: int
     codebook_size: int  # vqgan codes (<= 65536: tokens are stored as uint16); ignored for kl
     norm_groups: int
+    codebook_dim: int  # vqgan lookup-space dim (ViT-VQGAN factorised codes); 0 = latent_channels
+    quantizer: Literal["euclidean", "l2"]  # vqgan nearest-code lookup: Euclidean or cosine
+    mid_attention: bool  # self-attention in the encoder/decoder mid blocks
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -92,14 +95,14 @@ class TokenizerTrainConfig:
     batch_size: int
     lr: float
     betas: tuple[float, float]
-    warmup_steps: int
+    warmup_steps: int  # linear warm-up, then cosine decay to 10% of lr
     l1_weight: float
     l2_weight: float
     reg_weight: float  # codebook + commitment (vqgan) or KL (kl) loss weight
     disc_start: int  # step at which the adversarial loss switches on
     disc_weight: float
     disc_lr: float
-    restart_every: int  # dead-code restart interval in steps (vqgan); 0 = off
+    restart_every: int  # dead-code restart interval in steps (vqgan; none in the last 10%); 0 = off
     checkpoint_every: int  # Lightning checkpoint (with save_last) every N steps, for resume
     seed: int
     precision: str  # "auto": bf16-mixed on GPU, 32-true on CPU; or any Lightning precision

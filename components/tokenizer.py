@@ -45,7 +45,8 @@ def spec_for(cfg: TokenizerConfig, which: str):
         kind=cfg.kind, resolution=m.resolution, downsample=m.downsample, channels=tuple(m.channels),
         layers_per_block=m.layers_per_block, latent_channels=m.latent_channels,
         codebook_size=m.codebook_size if cfg.kind == "vqgan" else 0, norm_groups=m.norm_groups,
-        commitment_beta=cfg.commitment_beta,
+        commitment_beta=cfg.commitment_beta, codebook_dim=m.codebook_dim, quantizer=m.quantizer,
+        mid_attention=m.mid_attention,
     )
 
 
@@ -77,7 +78,7 @@ def _lightning_module():
             self.save_hyperparameters()
             self.train_cfg = TokenizerTrainConfig(**train)
             self.tokenizer = ImageTokenizer(TokenizerSpec.from_dict(spec))
-            self.discriminator = PatchDiscriminator()
+            self.discriminator = PatchDiscriminator(n_layers=_disc_layers(self.tokenizer.spec.resolution))
             self.perceptual = PerceptualLoss.from_safetensors(perceptual_weights) if perceptual_weights else None
             k = max(self.tokenizer.codebook_size, 1)
             self.register_buffer("code_usage", torch.zeros(k))  # uses since the last restart; checkpointed
@@ -88,8 +89,7 @@ def _lightning_module():
                 {"params": self.tokenizer.parameters(), "lr": t.lr},
                 {"params": self.discriminator.parameters(), "lr": t.disc_lr},
             ], betas=tuple(t.betas))
-            warmup = max(t.warmup_steps, 1)
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
         def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
@@ -121,7 +121,8 @@ def _lightning_module():
 
         def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
             every = self.train_cfg.restart_every
-            if not self.tokenizer.is_vq or every <= 0 or self.global_step % every != 0:
+            settling = self.global_step >= 0.9 * self.train_cfg.steps  # let the final codebook settle
+            if not self.tokenizer.is_vq or every <= 0 or self.global_step % every != 0 or settling:
                 return
             usage = self.code_usage
             if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -135,6 +136,19 @@ def _lightning_module():
             self.code_usage.zero_()
 
     return TokenizerModule
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _disc_layers(resolution: int) -> int:
+    """taming's 3-layer patch discriminator, fewer when the images are too small for it (3 * 2**n <= side)."""
+    return max(1, min(3, int(math.log2(resolution / 3))))
 
 
 # --- training ---------------------------------------------------------------------------------

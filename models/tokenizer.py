@@ -6,13 +6,13 @@ Both are diffusers autoencoders (`VQModel`, `AutoencoderKL`) wrapped behind one 
     vqgan codes: indices [B,g,g] long in [0, codebook_size)   (g = R // downsample)
     kl codes:    posterior-mean latents [B,C,g,g]
 
-The VQGAN's quantizer is our own lookup over VQModel's codebook parameter (`vq.quantize.embedding`):
-diffusers' VectorQuantizer does a plain Euclidean lookup on the full latent, which on CPU-budget
-runs collapses to a few codes. We follow ViT-VQGAN (Yu et al. 2022) instead: codes live in a
-low-dimensional space (`codebook_dim`, via VQModel's `vq_embed_dim` quant_conv) and both latents and
-codes are l2-normalised before the nearest-neighbour lookup (cosine similarity), which keeps code
-usage high; `restart_dead_codes` (taming-style) re-seeds the codes that still go unused.
-`quantizer="euclidean"` uses diffusers' own VectorQuantizer unchanged (with the non-legacy beta).
+The VQGAN quantizer is diffusers' VectorQuantizer, rebuilt with legacy=False so that
+`commitment_beta` weighs the commitment term (diffusers' default puts beta on the codebook term).
+What keeps codebook usage high on short CPU runs is `restart_dead_codes` (taming-style re-seeding
+of unused codes from encoder outputs, every ~50 steps), not the lookup itself. An optional
+ViT-VQGAN (Yu et al. 2022) variant, `quantizer="l2"`, does a cosine lookup (l2-normalised latents
+and codes) over the same codebook parameter; it is ours because diffusers has no such quantizer.
+`codebook_dim` (VQModel's `vq_embed_dim`) sets a lower-dimensional lookup space for either.
 
 Weights are saved as safetensors next to a small JSON file holding the typed spec, so a loader can
 check the architecture before touching the tensors; nothing here loads a pickle.
@@ -57,7 +57,7 @@ class TokenizerSpec:
     norm_groups: int = 32
     commitment_beta: float = 0.25
     codebook_dim: int = 0  # vqgan lookup-space dim (ViT-VQGAN factorised codes); 0 = latent_channels
-    quantizer: str = "l2"  # vqgan: "l2" (cosine lookup) | "euclidean" (diffusers VectorQuantizer)
+    quantizer: str = "euclidean"  # vqgan: "euclidean" (diffusers VectorQuantizer) | "l2" (cosine lookup)
     mid_attention: bool = True  # self-attention in the encoder/decoder mid blocks (diffusers default)
 
     def __post_init__(self):
@@ -89,7 +89,9 @@ class TokenizerSpec:
                 raise bad(f"every channel count must be a positive multiple of norm_groups {self.norm_groups}, got {c}")
         if self.kind == "vqgan":
             if not isinstance(self.codebook_size, int) or not 2 <= self.codebook_size <= MAX_CODEBOOK:
-                raise bad(f"vqgan codebook_size must be in 2..{MAX_CODEBOOK} (tokens are uint16), got {self.codebook_size!r}")
+                raise bad(
+                    f"vqgan codebook_size must be in 2..{MAX_CODEBOOK} (tokens are uint16), got {self.codebook_size!r}"
+                )
             if self.quantizer not in QUANTIZERS:
                 raise bad(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
             if not isinstance(self.codebook_dim, int) or self.codebook_dim < 0:
@@ -265,7 +267,8 @@ class ImageTokenizer(nn.Module):
             if codes.ndim != 3 or tuple(codes.shape[1:]) != (g, g) or codes.dtype.is_floating_point:
                 raise ValueError(f"vqgan decode expects integer indices [B,{g},{g}], got {codes.dtype} {list(codes.shape)}")
             if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-                raise ValueError(f"token indices must lie in [0, {self.codebook_size}), got {int(codes.min())}..{int(codes.max())}")
+                lo, hi = int(codes.min()), int(codes.max())
+                raise ValueError(f"token indices must lie in [0, {self.codebook_size}), got {lo}..{hi}")
             return self.vq.decode(self._lookup(codes.long()), force_not_quantize=True).sample
         c = self.spec.latent_channels
         if codes.ndim != 4 or tuple(codes.shape[1:]) != (c, g, g):
@@ -341,7 +344,8 @@ def _read_spec(path: Path) -> TokenizerSpec:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format field is {meta.get('format') if isinstance(meta, dict) else None!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: not a {FORMAT} file (format field is {found!r})")
     if meta.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported version {meta.get('version')!r} (this code reads {FORMAT_VERSION})")
     try:

@@ -237,6 +237,17 @@ def models() -> None:
         raise StageError(str(err)) from None
     typer.echo(f"profile {cfg.profile}")
     typer.echo(f"  text encoder ({enc.kind}, frozen): {n / 1e6:.1f}M parameters")
+    import torch
+
+    from components.tokenizer import WHICH, spec_for
+    from models.tokenizer import ImageTokenizer
+
+    for which in WHICH:
+        spec = spec_for(cfg.tokenizer, which)
+        with torch.device("meta"):  # shapes only: no memory, no weights
+            count = sum(p.numel() for p in ImageTokenizer(spec).parameters())
+        typer.echo(f"  {which} tokenizer ({spec.kind}, {spec.resolution}px f{spec.downsample}, "
+                   f"{spec.grid}x{spec.grid} tokens, codebook {spec.codebook_size}): {count / 1e6:.1f}M parameters")
 
 
 # --- KFP ---------------------------------------------------------------------------------------

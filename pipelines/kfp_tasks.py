@@ -23,9 +23,9 @@ def _log_metrics(metrics_artifact, metrics: dict[str, float]) -> None:
         metrics_artifact.log_metric(name, float(value))
 
 
-def _metrics_file() -> Path:
-    # The DVC metrics file has no place in a KFP run; the values go to the Metrics artifact instead.
-    return Path(tempfile.mkdtemp(prefix="cascade-metrics-")) / "metrics.json"
+def _metrics_file(metrics_artifact) -> Path:
+    # The stage's metrics file goes next to the task's Metrics artifact, inside the task's outputs.
+    return Path(metrics_artifact.path).parent / "stage_metrics.json"
 
 
 def start_pipeline_task(params: str, profile: str, pipeline_job_id: str) -> str:
@@ -52,7 +52,7 @@ def data_task(params, profile, data_source, parent_run_id, dataset, metrics) -> 
     from components import data
 
     cfg = _config(params, profile, {"data.source": data_source} if data_source else None)
-    result = data.execute(cfg, Path(dataset.path), _metrics_file(), parent_run_id)
+    result = data.execute(cfg, Path(dataset.path), _metrics_file(metrics), parent_run_id)
     dataset.metadata.update({"n_items": result.n_items, "kind": result.kind, "manifest_digest": result.manifest_digest})
     _log_metrics(metrics, result.metrics)
 
@@ -61,7 +61,7 @@ def validate_task(params, profile, parent_run_id, dataset, validated, report, me
     from components import validate
 
     cfg = _config(params, profile)
-    result = validate.execute(cfg, Path(dataset.path), Path(validated.path), _metrics_file(), parent_run_id)
+    result = validate.execute(cfg, Path(dataset.path), Path(validated.path), _metrics_file(metrics), parent_run_id)
     validated.metadata.update({"n_accepted": result.n_accepted, "n_quarantined": result.n_quarantined,
                                "data_uri": dataset.uri})
     Path(report.path).write_text(validation_report_html(Path(validated.path)))
@@ -72,7 +72,7 @@ def features_task(params, profile, parent_run_id, validated, text_features, metr
     from components import features
 
     cfg = _config(params, profile)
-    result = features.execute(cfg, Path(validated.path), Path(text_features.path), _metrics_file(), parent_run_id)
+    result = features.execute(cfg, Path(validated.path), Path(text_features.path), _metrics_file(metrics), parent_run_id)
     text_features.metadata.update({"fingerprint": result.fingerprint, "dim": result.dim})
     _log_metrics(metrics, result.metrics)
 
@@ -90,7 +90,7 @@ def tokenizer_task(params, profile, parent_run_id, dataset, validated, tokenizer
 
     cfg = _config(params, profile)
     result = tokenizer.execute(cfg, Path(dataset.path), Path(validated.path), Path(tokenizers.path),
-                               _checkpoint_root("tokenizer"), _metrics_file(), parent_run_id)
+                               _checkpoint_root("tokenizer"), _metrics_file(metrics), parent_run_id)
     tokenizers.metadata.update({"kind": cfg.tokenizer.kind, **{k: v for k, v in result.metrics.items() if "psnr" in k}})
     _log_metrics(metrics, result.metrics)
 
@@ -100,7 +100,7 @@ def tokens_task(params, profile, parent_run_id, dataset, validated, text_feature
 
     cfg = _config(params, profile)
     result = tokens.execute(cfg, Path(dataset.path), Path(validated.path), Path(tokenizers.path),
-                            Path(image_tokens.path), _metrics_file(), Path(text_features.path), parent_run_id)
+                            Path(image_tokens.path), _metrics_file(metrics), Path(text_features.path), parent_run_id)
     image_tokens.metadata.update({"n_items": result.n_items})
     _log_metrics(metrics, result.metrics)
 

@@ -28,7 +28,8 @@ def test_compiled_pipeline_has_the_stages_and_ui_parameters(tmp_path):
     tasks = spec["root"]["dag"]["tasks"]
     assert "exit-handler-1" in tasks and tasks["finish-pipeline"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"start-pipeline", "data", "validate", "features"} <= set(inner)
+    assert {"start-pipeline", "data", "validate", "features", "tokenizer", "tokens"} <= set(inner)
+    assert set(inner["tokens"]["dependentTasks"]) >= {"features", "tokenizer"}
     assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"profile", "data_source", "params"}
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"ghcr.io/cascade-t2i/cascade:0.1.0"}
@@ -47,13 +48,15 @@ def test_pipeline_runs_end_to_end_under_kfp_local_with_nested_mlflow_runs(tmp_pa
     assert (outputs["validate/validated"] / "data_docs" / "index.html").is_file()
     assert "Quarantine reasons" in outputs["validate/report"].read_text()
     assert (outputs["features/text_features"] / "items.parquet").is_file()
+    assert (outputs["tokenizer/tokenizers"] / "base" / "tokenizer.safetensors").is_file()
+    assert (outputs["tokens/image_tokens"] / "superres" / "codes.safetensors").is_file()
 
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
     assert parent.info.status == "FINISHED" and parent.data.tags["cascade.launcher"] == "kfp"
     stages = {r.data.tags["cascade.stage"]: r for r in runs if r.data.tags.get("cascade.kind") == "stage"}
-    assert set(stages) == {"data", "validate", "features"}
+    assert set(stages) == {"data", "validate", "features", "tokenizer", "tokens"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
     assert stages["validate"].data.metrics["n_accepted"] == 288
 

@@ -1,0 +1,142 @@
+"""Tokenizer training throughput: the Lightning stage vs a plain PyTorch loop, plus token precompute.
+
+Both loops train the same ImageTokenizer spec, on the same images, batch size, optimizer and loss
+(L1 + L2 + codebook/commitment; the GAN is off in both), for the same number of steps, in one
+process, one after the other. The stage's time is Lightning's `fit` (checkpointing included); the
+plain loop is a bare `for` loop over the same DataLoader. Then the `tokens` stage's encoding rate.
+
+    .venv/bin/python benchmarks/bench_tokenizer.py --profile tiny --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from components import data, tokenizer, tokens, validate  # noqa: E402
+from components.config import load_config  # noqa: E402
+from components.images import ShardImageDataset  # noqa: E402
+
+START, END = "<!-- bench_tokenizer:start -->", "<!-- bench_tokenizer:end -->"
+
+
+def plain_loop(cfg, which: str, dataset, steps: int) -> float:
+    """The baseline: the same model, data, optimizer and loss in a bare PyTorch loop; returns seconds."""
+    from models.tokenizer import ImageTokenizer
+
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = ImageTokenizer(tokenizer.spec_for(cfg, which)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=t.lr, betas=tuple(t.betas))
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=steps * t.batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True)
+    start = time.perf_counter()
+    for images in loader:
+        out = model(images)
+        loss = (t.l1_weight * (out.recon - images).abs().mean() + t.l2_weight * (out.recon - images).pow(2).mean()
+                + t.reg_weight * out.reg_loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def stage_loop(cfg, which: str, data_dir: Path, accepted, work: Path) -> float:
+    """The stage's Lightning training; returns the seconds `fit` took."""
+    metrics = tokenizer.train_one(cfg, which, data_dir, accepted, work / "out", work / f"ckpt-{time.time_ns()}")
+    return metrics["train_seconds"]
+
+
+def machine() -> str:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none available to this task"
+    return (f"CPU {cpu}, {os.cpu_count()} cores (torch threads {torch.get_num_threads()}); GPU: {gpu}; "
+            f"python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--which", default="base", choices=tokenizer.WHICH)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args()
+
+    cfg = load_config(REPO / "params.yaml", args.profile)
+    tcfg = replace(cfg.tokenizer, train=replace(cfg.tokenizer.train, steps=args.steps, disc_start=10**9,
+                                                  checkpoint_every=max(1, args.steps // 2), restart_every=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data.run(cfg.data, work / "data")
+        validate.run(cfg.validate, work / "data", work / "validate")
+        accepted = tokenizer.read_accepted(work / "validate")
+        dataset = ShardImageDataset(work / "data", accepted[accepted["split"] == "train"],
+                                    getattr(tcfg, args.which).resolution)
+        plain_loop(tcfg, args.which, dataset, 5)  # warm-up: allocator, kernels
+        plain, stage = [], []
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+            plain.append(plain_loop(tcfg, args.which, dataset, args.steps))
+            stage.append(stage_loop(tcfg, args.which, work / "data", accepted, work))
+        images = args.steps * tcfg.train.batch_size
+        plain_s, stage_s = min(plain), min(stage)
+
+        short = replace(tcfg, train=replace(tcfg.train, steps=1))
+        tokenizer.run(short, work / "data", work / "validate", work / "tok", work / "ckpt-enc")
+        encode = tokens.run(cfg.tokens, work / "data", work / "validate", work / "tok", work / "tokens")
+        rerun = tokens.run(cfg.tokens, work / "data", work / "validate", work / "tok", work / "tokens")
+
+    overhead = stage_s / plain_s - 1
+    rows = [
+        ("plain PyTorch loop (baseline)", images, plain_s, images / plain_s, "-"),
+        ("tokenizer stage (Lightning fit, checkpoints on)", images, stage_s, images / stage_s,
+         f"{stage_s / plain_s:.3f}x time ({overhead:+.1%} overhead)"),
+        ("tokens stage: encode with both tokenizers", encode.n_items * 2, encode.seconds,
+         encode.n_items * 2 / encode.seconds, "-"),
+        ("tokens stage re-run (content address unchanged)", encode.n_items * 2, rerun.seconds,
+         encode.n_items * 2 / max(rerun.seconds, 1e-9), f"{encode.seconds / max(rerun.seconds, 1e-9):.0f}x faster"),
+    ]
+    spec = getattr(tcfg, args.which)
+    lines = [
+        START,
+        "## Tokenizer: training throughput vs a plain PyTorch loop, token precompute",
+        "",
+        f"Regenerated by `benchmarks/bench_tokenizer.py --profile {args.profile} --which {args.which} "
+        f"--steps {args.steps}`; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {machine()}.",
+        f"Model: {tcfg.kind} {args.which}, {spec.resolution}px, f{spec.downsample}, channels {list(spec.channels)}, "
+        f"codebook {spec.codebook_size}; batch {tcfg.train.batch_size}; best of {args.repeats} interleaved runs; "
+        f"the Lightning time includes its fixed start-up and {2 if args.steps > 1 else 1} checkpoint writes.",
+        "",
+        "| what | images | seconds | images/s | vs baseline |",
+        "| --- | ---: | ---: | ---: | --- |",
+        *[f"| {w} | {n:,} | {s:.2f} | {n / s if s else 0:,.1f} | {note} |" for w, n, s, _, note in rows],
+        "",
+        END,
+    ]
+    text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
+    block = "\n".join(lines)
+    text = re.sub(re.escape(START) + ".*?" + re.escape(END), block, text, flags=re.S) if START in text \
+        else text.rstrip() + "\n\n" + block + "\n"
+    args.out.write_text(text)
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
