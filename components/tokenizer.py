@@ -75,7 +75,7 @@ def _lightning_module():
     class TokenizerModule(L.LightningModule):
         def __init__(self, spec: dict, train: dict, perceptual_weights: str | None, perceptual_weight: float):
             super().__init__()
-            self.save_hyperparameters()
+            self.save_hyperparameters(logger=False)  # in the checkpoint; the stage logs the config itself
             self.train_cfg = TokenizerTrainConfig(**train)
             self.tokenizer = ImageTokenizer(TokenizerSpec.from_dict(spec))
             self.discriminator = PatchDiscriminator(n_layers=_disc_layers(self.tokenizer.spec.resolution))
@@ -189,10 +189,18 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
     from models.tokenizer import save_tokenizer
 
     class StartStep(Callback):  # where this process began: > 0 when it resumed a checkpoint
-        step = 0
+        step: int | None = None  # stays None when a finished checkpoint leaves nothing to train
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.step = trainer.global_step
+
+    import logging
+    import warnings
+
+    # Lightning's start-up chatter (accelerator banner, a product tip) and a deprecation inside
+    # Lightning itself would bury the stage's own output.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
     t = cfg.train
     spec = spec_for(cfg, which)
@@ -223,6 +231,10 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
     seconds = time.perf_counter() - start
+    # The final state too (checkpoint_every need not divide steps): a re-run then finds the
+    # training complete instead of repeating the last steps.
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    resumed_from = start_step.step if start_step.step is not None else trainer.global_step
     if trainer.global_step < t.steps:
         raise StageError(f"tokenizer {which}: training stopped at step {trainer.global_step} of {t.steps}; "
                          f"re-run to resume from {ckpt_dir / 'last.ckpt'}")
@@ -231,8 +243,8 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
     model = module.tokenizer.eval().float().cpu()
     save_tokenizer(model, out_dir / which)
     metrics = evaluate(model, data_dir, accepted, cfg.eval_images, out_dir / which)
-    metrics.update({"train_seconds": seconds, "resumed_from_step": start_step.step,
-                    "images_per_second": (t.steps - start_step.step) * t.batch_size / max(seconds, 1e-9)})
+    metrics.update({"train_seconds": seconds, "resumed_from_step": resumed_from,
+                    "images_per_second": (t.steps - resumed_from) * t.batch_size / max(seconds, 1e-9)})
     write_json(out_dir / which / "metrics.json", metrics)
     return metrics
 
@@ -314,26 +326,26 @@ class TokenizerResult:
 
 
 def run(cfg: TokenizerConfig, data_dir: Path, validate_dir: Path, out_dir: Path, ckpt_root: Path,
-        logger_factory: Callable[[], object] | None = None) -> TokenizerResult:
+        logger_factory: Callable[[str], object] | None = None) -> TokenizerResult:
     out_dir = Path(out_dir)
     accepted = read_accepted(validate_dir)
     results = {}
     for which in WHICH:
-        logger = logger_factory() if logger_factory else None
+        logger = logger_factory(which) if logger_factory else None
         results[which] = train_one(cfg, which, Path(data_dir), accepted, out_dir, Path(ckpt_root) / which, logger)
     return TokenizerResult(results, out_dir)
 
 
 def execute(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, out_dir: Path, ckpt_root: Path,
             metrics_file: Path, parent_run_id: str | None = None) -> TokenizerResult:
-    def mlflow_logger():
+    def mlflow_logger(which: str):
         import mlflow
         from lightning.pytorch.loggers import MLFlowLogger
 
         from components.tracking import tracking_uri
 
-        # Lightning's training curves go into this stage's own MLflow run.
-        return MLFlowLogger(tracking_uri=tracking_uri(), run_id=mlflow.active_run().info.run_id)
+        # Lightning's training curves go into this stage's own MLflow run, one prefix per tokenizer.
+        return MLFlowLogger(tracking_uri=tracking_uri(), run_id=mlflow.active_run().info.run_id, prefix=which)
 
     return tracked(
         "tokenizer", cfg,

@@ -82,12 +82,14 @@ tokenizer.train_one(cfg, "base", Path({str(art.data)!r}), tokenizer.read_accepte
     assert (tmp_path / "out" / "base" / "tokenizer.safetensors").exists()
 
 
-def test_a_changed_config_does_not_resume_someone_elses_checkpoint(smoke_artifacts, tmp_path):
+def test_a_finished_run_is_not_repeated_and_a_changed_config_starts_afresh(smoke_artifacts, tmp_path):
     art = smoke_artifacts
     cfg = art.cfg.tokenizer
     short = replace(cfg, train=replace(cfg.train, steps=10, checkpoint_every=5))
     accepted = tokenizer.read_accepted(art.validate)
     tokenizer.train_one(short, "base", art.data, accepted, tmp_path / "out", tmp_path / "ckpt")
+    again = tokenizer.train_one(short, "base", art.data, accepted, tmp_path / "out", tmp_path / "ckpt")
+    assert again["resumed_from_step"] == 10  # finished: the final state was checkpointed, nothing re-trained
     changed = replace(short, train=replace(short.train, lr=short.train.lr / 2, steps=12))
     metrics = tokenizer.train_one(changed, "base", art.data, accepted, tmp_path / "out", tmp_path / "ckpt")
     assert metrics["resumed_from_step"] == 0
