@@ -12,6 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests use tiny models, which gain nothing from intra-op threads; on a busy 2-core machine
+    OpenMP barriers make each op wait for a descheduled thread (seconds per forward)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A private MLflow store for one test, so tests never write the repo's mlflow.db."""

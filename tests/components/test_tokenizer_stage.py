@@ -100,3 +100,19 @@ def test_missing_accepted_manifest_says_what_to_run(tmp_path, smoke_artifacts):
 
     with pytest.raises(BadInputError, match="run the validate stage first"):
         tokenizer.run(smoke_artifacts.cfg.tokenizer, tmp_path, tmp_path, tmp_path / "o", tmp_path / "c")
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
+    from components.tokenizer import lr_factor
+
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_factor(100, 10, 100) == pytest.approx(0.1) and lr_factor(500, 10, 100) == pytest.approx(0.1)
+
+
+def test_discriminator_depth_fits_the_resolution():
+    from components.tokenizer import _disc_layers
+
+    assert [_disc_layers(r) for r in (8, 16, 32, 256)] == [1, 2, 3, 3]

@@ -18,16 +18,6 @@ from models.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a busy CPU OpenMP barriers make
-    # each op wait for a descheduled thread (seconds per forward); restore the setting afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_hinge_losses_known_values():
     real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - r) = 0, 0.5, 2 -> mean 5/6
     fake = torch.tensor([-2.0, 0.0])  # relu(1 + f) = 0, 1 -> mean 0.5

@@ -21,16 +21,6 @@ VQ = TokenizerSpec("vqgan", 16, 2, (8, 16), 1, 4, 32, norm_groups=4)
 KL = TokenizerSpec("kl", 16, 2, (8, 16), 1, 4, 0, norm_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a busy CPU OpenMP barriers make
-    # each op wait for a descheduled thread (seconds per forward); restore the setting afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def images(n=2, r=16, seed=0):
     return torch.rand(n, 3, r, r, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
