@@ -89,3 +89,21 @@ def test_features_for_another_accepted_set_are_refused(smoke_artifacts, tmp_path
     items.iloc[1:].to_parquet(features / "items.parquet")
     with pytest.raises(BadInputError, match="different accepted set"):
         tokens.run(art.cfg.tokens, art.data, art.validate, art.tokenizer, tmp_path / "out", features)
+
+
+def test_kl_tokenizers_train_and_store_float16_latents(smoke_artifacts, tmp_path):
+    from dataclasses import replace
+
+    from components import tokenizer
+
+    art = smoke_artifacts
+    cfg = replace(art.cfg.tokenizer, kind="kl", train=replace(art.cfg.tokenizer.train, steps=4, disc_start=10**6))
+    result = tokenizer.run(cfg, art.data, art.validate, tmp_path / "tok", tmp_path / "ckpt")
+    assert {"psnr", "l1"} <= set(result.per_tokenizer["base"]) and "codebook_usage" not in result.per_tokenizer["base"]
+    out = tmp_path / "tokens"
+    tokens.run(art.cfg.tokens, art.data, art.validate, tmp_path / "tok", out, art.features)
+    meta = json.loads((out / "base" / tokens.META_FILE).read_text())
+    assert meta["kind"] == "kl" and meta["dtype"] == "float16"
+    latents = tokens.TokenStore(out).lookup("base", read_accepted(art.validate)["key"].tolist()[:2])
+    spec = cfg.base
+    assert latents.dtype == torch.float32 and latents.shape[-1] == spec.resolution // spec.downsample
