@@ -34,7 +34,8 @@ from safetensors.torch import save_file
 
 from components.config import CascadeConfig, FeaturesConfig, TextEncoderConfig
 from components.errors import BadInputError, StageError
-from components.io import sha256_bytes, write_json, write_manifest
+from components.io import ACCEPTED_FILE, sha256_bytes, write_json, write_manifest
+from components.io import read_accepted as _read_accepted
 from components.stage import TrackedInput, tracked
 from models.text_encoder import FrozenTextEncoder, encoder_fingerprint  # imports transformers only on load
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None] | None
 
-ACCEPTED_FILE = "accepted.parquet"
 ENCODER_FILE = "encoder.json"
 INDEX_FILE = "index.parquet"
 ITEMS_FILE = "items.parquet"
@@ -105,16 +105,7 @@ def _written_atomically(path: Path) -> Iterator[Path]:
 def read_accepted(validate_dir: Path) -> pd.DataFrame:
     """key, caption, split of the accepted items; BadInputError for anything validate should prevent."""
     path = Path(validate_dir) / ACCEPTED_FILE
-    if not path.is_file():
-        raise BadInputError(f"{path}: no accepted manifest; run the validate stage first (cascade stage validate)")
-    try:
-        columns = pq.read_schema(path).names
-    except (pa.ArrowException, OSError) as err:
-        raise BadInputError(f"{path}: not a readable parquet file ({err}); rerun the validate stage") from None
-    missing = [c for c in ("key", "caption", "split") if c not in columns]
-    if missing:
-        raise BadInputError(f"{path}: missing columns {missing}; expected the accepted manifest written by validate")
-    accepted = pq.read_table(path, columns=["key", "caption", "split"]).to_pandas()
+    accepted = _read_accepted(validate_dir, ["key", "caption", "split"])
     no_caption = accepted["caption"].isna()
     if no_caption.any():
         raise BadInputError(

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 MANIFEST_FILE = "manifest.parquet"
+ACCEPTED_FILE = "accepted.parquet"  # written by the validate stage: the manifest rows that passed
 SHARDS_DIR = "shards"
 SPLITS = ("train", "val", "test")
 
@@ -201,6 +202,24 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: not a Cascade manifest, missing columns {missing}")
     return df
+
+
+def read_accepted(validate_dir: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """The validate stage's accepted manifest (only `columns` if given); BadInputError if it is
+    missing, unreadable or lacks a column, with what to run."""
+    from components.errors import BadInputError
+
+    path = Path(validate_dir) / ACCEPTED_FILE
+    if not path.is_file():
+        raise BadInputError(f"{path}: no accepted manifest; run the validate stage first (cascade stage validate)")
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as err:
+        raise BadInputError(f"{path}: not a readable parquet file ({err}); rerun the validate stage") from None
+    missing = [c for c in (columns or ()) if c not in names]
+    if missing:
+        raise BadInputError(f"{path}: missing columns {missing}; expected the accepted manifest written by validate")
+    return pq.read_table(path, columns=columns).to_pandas()
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, bytes]]:

@@ -30,11 +30,17 @@ import torch
 from components.config import CascadeConfig, TokenizerConfig, TokenizerTrainConfig
 from components.errors import BadInputError, StageError
 from components.images import ShardImageDataset, to_uint8
-from components.io import frame_digest, write_json
+from components.io import ACCEPTED_FILE, frame_digest, write_json
+from components.io import read_accepted as _read_accepted
 from components.stage import TrackedInput, tracked
 
 WHICH = ("base", "superres")
-ACCEPTED = "accepted.parquet"
+IMAGE_COLUMNS = ["key", "shard", "image_member", "sha256", "split", "scene"]
+
+
+def read_accepted(validate_dir: Path) -> pd.DataFrame:
+    """The accepted rows with what reading and checking their images needs."""
+    return _read_accepted(validate_dir, IMAGE_COLUMNS)
 
 
 def spec_for(cfg: TokenizerConfig, which: str):
@@ -48,13 +54,6 @@ def spec_for(cfg: TokenizerConfig, which: str):
         commitment_beta=cfg.commitment_beta, codebook_dim=m.codebook_dim, quantizer=m.quantizer,
         mid_attention=m.mid_attention,
     )
-
-
-def read_accepted(validate_dir: Path) -> pd.DataFrame:
-    path = Path(validate_dir) / ACCEPTED
-    if not path.is_file():
-        raise BadInputError(f"{path}: missing; run the validate stage first (cascade stage validate)")
-    return pd.read_parquet(path)
 
 
 def _split(accepted: pd.DataFrame, split: str, limit: int | None = None) -> pd.DataFrame:
@@ -351,7 +350,7 @@ def execute(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, out_dir: Pat
         "tokenizer", cfg,
         lambda: run(cfg.tokenizer, data_dir, validate_dir, out_dir, ckpt_root, mlflow_logger),
         metrics_file,
-        inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED, "accepted", "tokenizer")],
+        inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "tokenizer")],
         artifacts=lambda r: [p for which in WHICH for p in (Path(out_dir) / which / "recon_grid.png",
                                                              Path(out_dir) / which / "tokenizer.json")],
         parent_run_id=parent_run_id,

@@ -61,7 +61,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from components.config import CascadeConfig, ValidateConfig
 from components.errors import StageError
 from components.expectations import run_suite
-from components.io import MANIFEST_FILE, read_items, read_manifest, sha256_bytes, write_json, write_manifest
+from components.io import ACCEPTED_FILE, MANIFEST_FILE, read_items, read_manifest, sha256_bytes, write_json, write_manifest
 from components.stage import TrackedInput, tracked
 
 INGEST_ERROR = "ingest_error"  # an ingest_error value without a "code: " prefix
@@ -99,7 +99,6 @@ CHECK_ORDER = (
     DUPLICATE_IMAGE,
 )
 
-ACCEPTED_FILE = "accepted.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
 SUMMARY_FILE = "summary.json"
 DATA_DOCS_DIR = "data_docs"
