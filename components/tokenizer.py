@@ -299,7 +299,7 @@ def _checker_accuracy(model, data_dir: Path, test: pd.DataFrame) -> dict:
     from models.checker import score
     from models.shapes import Scene
 
-    test = test[test["scene"].notna()] if "scene" in test else test.iloc[0:0]
+    test = test[test["scene"].notna()]
     if len(test) == 0:
         return {}  # user data: no structured scenes to check against
     dataset = ShardImageDataset(data_dir, test, model.spec.resolution)

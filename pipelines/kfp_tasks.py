@@ -78,11 +78,11 @@ def features_task(params, profile, parent_run_id, validated, text_features, metr
 
 
 def _checkpoint_root(stage: str) -> Path:
-    # $CASCADE_CHECKPOINT_DIR (a PVC on a cluster) makes a retried task resume; else a scratch dir.
-    import os
+    # Layout honours $CASCADE_CHECKPOINT_DIR (a PVC on a cluster, so a retried task resumes);
+    # without it the pod has nothing to resume from, so a scratch directory will do.
+    from components.stage import Layout
 
-    root = os.environ.get("CASCADE_CHECKPOINT_DIR")
-    return (Path(root) if root else Path(tempfile.mkdtemp(prefix="cascade-ckpt-"))) / stage
+    return Layout(root=Path(tempfile.mkdtemp(prefix="cascade-ckpt-"))).checkpoints(stage)
 
 
 def tokenizer_task(params, profile, parent_run_id, dataset, validated, tokenizers, metrics) -> None:
