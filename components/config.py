@@ -133,6 +133,53 @@ class TokensConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class GeneratorModelConfig:
+    """A masked transformer's size (models.masked_transformer.MaskedTransformerSpec without the
+    fields the tokenizers and text encoder fix)."""
+
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+    dropout: float
+    cond_depth: int  # super-res: self-attention layers over the low-res token map; base: 0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GeneratorTrainConfig:
+    steps: int
+    batch_size: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    warmup_steps: int  # linear warm-up, then cosine decay to 10% of lr
+    grad_clip: float  # max gradient norm; 0 = off
+    text_dropout: float  # share of examples trained without text (classifier-free guidance)
+    ema_decay: float  # EMA of weights (exported instead of the raw weights); 0 = off
+    checkpoint_every: int
+    seed: int  # + global rank for masks and dropout; initialisation uses the seed alone
+    precision: str  # "auto": bf16-mixed on GPU, 32-true on CPU
+    devices: int  # >1 trains with DDP
+    num_workers: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SamplerConfig:
+    steps: int  # parallel-decoding steps (Muse: base 24, super-res 8)
+    guidance: float  # classifier-free guidance scale at the last step (0 = off)
+    temperature: float  # token sampling temperature, annealed linearly to 0
+    choice_temperature: float  # confidence noise for choosing kept tokens, annealed to 0
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GeneratorConfig:
+    model: GeneratorModelConfig
+    train: GeneratorTrainConfig
+    sample: SamplerConfig
+    eval_prompts: int  # held-out test prompts checked by the exact checker after training (0 = off)
+
+
+@dataclass(frozen=True, config=_STRICT)
 class TrackingConfig:
     experiment: str
 
@@ -146,6 +193,8 @@ class CascadeConfig:
     features: FeaturesConfig
     tokenizer: TokenizerConfig
     tokens: TokensConfig
+    base: GeneratorConfig
+    superres: GeneratorConfig
 
 
 def _overlay(base: dict, overlay: dict, path: str) -> dict:

@@ -27,7 +27,6 @@ from typing import Callable, Iterator
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -52,6 +52,20 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def save_tiled(images: np.ndarray, path: Path, columns: int = 8) -> Path:
+    """[N, H, W, 3] uint8 tiled row-major into one PNG with 2-pixel white gutters."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = images[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
 class ShardImageDataset(torch.utils.data.Dataset):
     """Item i of `manifest` (accepted rows) as a [3, R, R] tensor in [-1, 1]."""
 

@@ -18,7 +18,7 @@ from components.config import CascadeConfig, flatten, to_dict
 from components.errors import StageError
 from components.io import write_json
 
-STAGES = ("data", "validate", "features", "tokenizer", "tokens")
+STAGES = ("data", "validate", "features", "tokenizer", "tokens", "base", "superres")
 
 
 @dataclass(frozen=True)

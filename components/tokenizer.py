@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,10 +27,12 @@ import torch
 
 from components.config import CascadeConfig, TokenizerConfig, TokenizerTrainConfig
 from components.errors import BadInputError, StageError
-from components.images import ShardImageDataset, to_uint8
+from components.images import ShardImageDataset, save_tiled, to_uint8
 from components.io import ACCEPTED_FILE, frame_digest, write_json
 from components.io import read_accepted as _read_accepted
 from components.stage import TrackedInput, tracked
+from components.tracking import lightning_logger
+from components.training import fingerprint, fit, warmup_cosine
 
 WHICH = ("base", "superres")
 IMAGE_COLUMNS = ["key", "shard", "image_member", "sha256", "split", "scene"]
@@ -88,8 +88,7 @@ def _lightning_module():
                 {"params": self.tokenizer.parameters(), "lr": t.lr},
                 {"params": self.discriminator.parameters(), "lr": t.disc_lr},
             ], betas=tuple(t.betas))
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t.warmup_steps, t.steps))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+            return {"optimizer": optimizer, "lr_scheduler": warmup_cosine(optimizer, t.warmup_steps, t.steps)}
 
         def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
             t = self.train_cfg
@@ -137,14 +136,6 @@ def _lightning_module():
     return TokenizerModule
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1, then cosine decay to 0.1 at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _disc_layers(resolution: int) -> int:
     """taming's 3-layer patch discriminator, fewer when the images are too small for it (3 * 2**n <= side)."""
     return max(1, min(3, int(math.log2(resolution / 3))))
@@ -152,54 +143,12 @@ def _disc_layers(resolution: int) -> int:
 
 # --- training ---------------------------------------------------------------------------------
 
-def _fingerprint(spec: dict, train: TokenizerTrainConfig, perceptual: tuple, data_digest: str) -> str:
-    import hashlib
-
-    payload = json.dumps({"spec": spec, "train": asdict(train), "perceptual": perceptual, "data": data_digest},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _prepare_checkpoints(ckpt_dir: Path, fingerprint: str) -> Path | None:
-    """The checkpoint to resume from, or None; wipes checkpoints made under another fingerprint."""
-    marker = ckpt_dir / "fingerprint.json"
-    if ckpt_dir.exists():
-        old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-        if old != fingerprint:
-            shutil.rmtree(ckpt_dir)  # another spec, config or dataset: resuming it would be wrong
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fingerprint})
-    last = ckpt_dir / "last.ckpt"
-    return last if last.is_file() else None
-
-
-def _precision(value: str) -> str:
-    if value != "auto":
-        return value
-    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-
-
 def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.DataFrame, out_dir: Path,
               ckpt_dir: Path, logger=None) -> dict:
     """Train one tokenizer, export it as safetensors + JSON into out_dir/<which>; returns its metrics."""
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     from models.tokenizer import save_tokenizer
-
-    class StartStep(Callback):  # where this process began: > 0 when it resumed a checkpoint
-        step: int | None = None  # stays None when a finished checkpoint leaves nothing to train
-
-        def on_train_start(self, trainer, pl_module) -> None:
-            self.step = trainer.global_step
-
-    import logging
-    import warnings
-
-    # Lightning's start-up chatter (accelerator banner, a product tip) and a deprecation inside
-    # Lightning itself would bury the stage's own output.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
     t = cfg.train
     spec = spec_for(cfg, which)
@@ -208,35 +157,18 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
         raise BadInputError("tokenizer: no accepted items in the train split")
     dataset = ShardImageDataset(data_dir, train_rows, spec.resolution)
     perceptual = (cfg.perceptual.weights, cfg.perceptual.weight)
-    fingerprint = _fingerprint(spec.to_dict(), t, perceptual, frame_digest(train_rows[["key", "sha256"]]))
-    resume = _prepare_checkpoints(ckpt_dir, fingerprint)
+    run_fingerprint = fingerprint(spec=spec.to_dict(), train=asdict(t), perceptual=perceptual,
+                                  data=frame_digest(train_rows[["key", "sha256"]]))
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # same init on every rank
     module = _lightning_module()(spec.to_dict(), asdict(t), *perceptual)
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=t.steps * t.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=t.checkpoint_every, save_last=True,
-                                 save_top_k=0, enable_version_counter=False)
-    start_step = StartStep()
-    trainer = L.Trainer(
-        max_steps=t.steps, max_epochs=-1, accelerator="auto", devices=t.devices,
-        strategy="ddp_find_unused_parameters_true" if t.devices > 1 else "auto",  # D is idle before disc_start
-        precision=_precision(t.precision), callbacks=[checkpoint, start_step], logger=logger or False,
-        default_root_dir=ckpt_dir, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, log_every_n_steps=max(1, min(50, t.steps // 10)),
-        enable_progress_bar=True,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
-    seconds = time.perf_counter() - start
-    # The final state too (checkpoint_every need not divide steps): a re-run then finds the
-    # training complete instead of repeating the last steps.
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    resumed_from = start_step.step if start_step.step is not None else trainer.global_step
-    if trainer.global_step < t.steps:
-        raise StageError(f"tokenizer {which}: training stopped at step {trainer.global_step} of {t.steps}; "
-                         f"re-run to resume from {ckpt_dir / 'last.ckpt'}")
+    result = fit(f"tokenizer {which}", module, loader, steps=t.steps, checkpoint_every=t.checkpoint_every,
+                 precision_name=t.precision, devices=t.devices, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint,
+                 logger=logger, find_unused_parameters=True)  # D is idle before disc_start
+    trainer, seconds, resumed_from = result.trainer, result.seconds, result.resumed_from
     if trainer.global_rank != 0:
         return {}
     model = module.tokenizer.eval().float().cpu()
@@ -280,19 +212,8 @@ def evaluate(model, data_dir: Path, accepted: pd.DataFrame, n_images: int, out_d
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path, columns: int = 8) -> Path:
     """Pairs (original | reconstruction) tiled into one PNG."""
-    from PIL import Image
-
-    a, b = to_uint8(originals), to_uint8(recons)  # [N, H, W, 3]
-    pairs = np.concatenate([a, b], axis=2)  # [N, H, 2W, 3]
-    n, h, w, _ = pairs.shape
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2): r * (h + 2) + h, c * (w + 2): c * (w + 2) + w] = pairs[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return path
+    pairs = np.concatenate([to_uint8(originals), to_uint8(recons)], axis=2)  # [N, H, 2W, 3]
+    return save_tiled(pairs, path, columns)
 
 
 def _checker_accuracy(model, data_dir: Path, test: pd.DataFrame) -> dict:
@@ -337,18 +258,9 @@ def run(cfg: TokenizerConfig, data_dir: Path, validate_dir: Path, out_dir: Path,
 
 def execute(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, out_dir: Path, ckpt_root: Path,
             metrics_file: Path, parent_run_id: str | None = None) -> TokenizerResult:
-    def mlflow_logger(which: str):
-        import mlflow
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        from components.tracking import tracking_uri
-
-        # Lightning's training curves go into this stage's own MLflow run, one prefix per tokenizer.
-        return MLFlowLogger(tracking_uri=tracking_uri(), run_id=mlflow.active_run().info.run_id, prefix=which)
-
     return tracked(
         "tokenizer", cfg,
-        lambda: run(cfg.tokenizer, data_dir, validate_dir, out_dir, ckpt_root, mlflow_logger),
+        lambda: run(cfg.tokenizer, data_dir, validate_dir, out_dir, ckpt_root, lightning_logger),
         metrics_file,
         inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "tokenizer")],
         artifacts=lambda r: [p for which in WHICH for p in (Path(out_dir) / which / "recon_grid.png",

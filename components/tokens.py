@@ -141,6 +141,10 @@ class TokenStore:
         self.meta = {w: json.loads((self.out_dir / w / META_FILE).read_text()) for w in WHICH}
         self._codes = {w: load_file(str(self.out_dir / w / CODES_FILE))["codes"] for w in WHICH}
 
+    def address(self, which: str) -> str:
+        """The content address of one tokenizer's codes (tokenizer digest + manifest digest)."""
+        return self.meta[which]["address"]
+
     def lookup(self, which: str, keys: list[str]) -> torch.Tensor:
         """[B, g, g] long token ids (vqgan) or [B, C, g, g] float32 latents (kl)."""
         rows = [self._row[k] for k in keys]

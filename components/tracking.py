@@ -110,3 +110,11 @@ def log_input_table(path: str | Path, name: str, context: str, digest: str | Non
         warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column.*")
         dataset = mlflow.data.from_pandas(df, source=str(Path(path).resolve()), name=name, digest=digest)
         mlflow.log_input(dataset, context=context)
+
+
+def lightning_logger(prefix: str = ""):
+    """An MLFlowLogger writing Lightning's training curves into the active (stage) MLflow run."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(tracking_uri=tracking_uri(), run_id=mlflow.active_run().info.run_id, prefix=prefix)

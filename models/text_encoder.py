@@ -160,6 +160,16 @@ class FrozenTextEncoder(nn.Module):
         return self.encode(captions)
 
 
+def hidden_size(kind: str, path: str | None) -> int:
+    """The encoder's embedding width, from its config alone (no weights read)."""
+    from transformers import AutoConfig, CLIPTextConfig
+
+    config = AutoConfig.from_pretrained(resolve_model_dir(kind, path), local_files_only=True)
+    if kind == "clip" and not isinstance(config, CLIPTextConfig):
+        config = config.text_config
+    return config.hidden_size
+
+
 def parameter_count(kind: str, path: str | None) -> int:
     """Parameters of the encoder, built on the meta device from its config alone (no weights read)."""
     from transformers import AutoConfig, AutoModel, CLIPTextConfig, CLIPTextModel, T5EncoderModel

@@ -20,8 +20,6 @@ check the architecture before touching the tensors; nothing here loads a pickle.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module
 
 KINDS = ("vqgan", "kl")
 QUANTIZERS = ("l2", "euclidean")
@@ -277,7 +277,8 @@ class ImageTokenizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, latents: Tensor, usage: Tensor, min_usage: float = 1.0) -> int:
-        """Re-seed codes used fewer than `min_usage` times with random encoder outputs (taming-style).
+        """Re-seed codes used fewer than `min_usage` times with encoder outputs (taming-style restarts,
+        k-means++-weighted towards the latents the live codes fit worst).
 
         latents [N,D] are flattened encoder outputs in the lookup space (e.g. TokenizerOutput.latents
         of the last batch, permuted to [B,g,g,D] and flattened); usage [K] counts per code.
@@ -296,7 +297,17 @@ class ImageTokenizer(nn.Module):
         src = latents.detach().to(self.codebook)
         if self.spec.quantizer == "l2":
             src = F.normalize(src, dim=1)
-        pick = torch.randint(0, src.shape[0], (dead.numel(),), device=src.device)
+        # k-means++ seeding: draw latents with probability ~ squared distance to the nearest live
+        # code, so new codes go where the codebook represents the data worst (object edges), not
+        # onto the background that already dominates (uniform draws pile codes onto it).
+        live = self.codebook.detach()[usage.to(self.codebook.device) >= min_usage]  # [n_live,D]
+        if live.numel():
+            if self.spec.quantizer == "l2":
+                live = F.normalize(live, dim=1)
+            weights = torch.cdist(src, live).min(dim=1).values.pow(2) + 1e-12  # [N]
+            pick = torch.multinomial(weights, dead.numel(), replacement=True)
+        else:
+            pick = torch.randint(0, src.shape[0], (dead.numel(),), device=src.device)
         new = src[pick]  # [n_dead,D]
         # a little noise so codes seeded from the same latent do not stay identical
         new = new + 0.01 * new.norm(dim=1, keepdim=True).clamp_min(1e-6) * torch.randn_like(new) / math.sqrt(D)
@@ -321,33 +332,12 @@ def codebook_stats(indices: Tensor, codebook_size: int) -> tuple[float, float]:
 
 def save_tokenizer(model: ImageTokenizer, directory: Path) -> Path:
     """directory/tokenizer.safetensors (state_dict) + directory/tokenizer.json (spec); returns the former."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # write-then-rename so a killed run never leaves a half-written checkpoint under the final name
-    tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    tmp.replace(weights)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "spec": model.spec.to_dict()}
-    (directory / SPEC_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return weights
+    return save_module(model, directory, fmt=FORMAT, version=FORMAT_VERSION, spec=model.spec.to_dict(),
+                       weights_file=WEIGHTS_FILE, spec_file=SPEC_FILE)
 
 
 def _read_spec(path: Path) -> TokenizerSpec:
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (not a saved tokenizer directory?)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: not a {FORMAT} file (format field is {found!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported version {meta.get('version')!r} (this code reads {FORMAT_VERSION})")
+    meta = read_meta(path, fmt=FORMAT, version=FORMAT_VERSION)
     try:
         return TokenizerSpec.from_dict(meta.get("spec"))
     except ValueError as e:
@@ -360,56 +350,17 @@ def load_tokenizer(directory: Path, expect: TokenizerSpec | None = None, device=
     With `expect`, the saved spec must equal it field by field. Every failure is a one-line
     ValueError naming the file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: tokenizer directory does not exist")
-    spec_path, weights_path = directory / SPEC_FILE, directory / WEIGHTS_FILE
+    spec_path = directory / SPEC_FILE
     spec = _read_spec(spec_path)
     if expect is not None and spec != expect:
-        for f in fields(TokenizerSpec):
-            saved, wanted = getattr(spec, f.name), getattr(expect, f.name)
-            if saved != wanted:
-                raise ValueError(f"{spec_path}: {f.name} {_fmt(saved)} does not match the config's {_fmt(wanted)}")
-    if not weights_path.is_file():
-        raise ValueError(f"{weights_path}: missing")
-    try:
-        state = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = " ".join(str(e).split())
-        raise ValueError(f"{weights_path}: corrupt or truncated safetensors ({reason})") from None
-    model = ImageTokenizer(spec)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        n = len(missing) + len(unexpected)
-        raise ValueError(f"{weights_path}: does not match the spec in {SPEC_FILE}: {what} ({n} key(s) differ)")
-    for k, v in own.items():
-        if state[k].shape != v.shape:
-            raise ValueError(
-                f"{weights_path}: {k} has shape {list(state[k].shape)}, the spec in {SPEC_FILE} needs {list(v.shape)}"
-            )
-    model.load_state_dict(state)
+        mismatch(spec_path, spec, expect, [f.name for f in fields(TokenizerSpec)])
+    model = load_state_into(ImageTokenizer(spec), directory / WEIGHTS_FILE, SPEC_FILE)
     return model.to(device).eval()
-
-
-def _fmt(value) -> str:
-    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def tokenizer_digest(directory: Path) -> str:
     """sha256 over tokenizer.json + tokenizer.safetensors bytes: the `tokens` stage's content address."""
-    directory = Path(directory)
-    h = hashlib.sha256()
-    for name in (SPEC_FILE, WEIGHTS_FILE):
-        path = directory / name
-        if not path.is_file():
-            raise ValueError(f"{path}: missing")
-        h.update(name.encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return directory_digest(directory, (SPEC_FILE, WEIGHTS_FILE))

@@ -106,12 +106,24 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
             return tokens.execute(cfg, layout.out("data"), layout.out("validate"), layout.out("tokenizer"),
                                   layout.out("tokens"), layout.metrics("tokens"), layout.out("features"),
                                   parent_run_id, progress)
+    if name == "base":
+        from components import base
+
+        return base.execute(cfg, layout.out("tokens"), layout.out("features"), layout.out("tokenizer"),
+                            layout.out("validate"), layout.out("base"), layout.checkpoints("base"),
+                            layout.metrics("base"), parent_run_id)
+    if name == "superres":
+        from components import superres
+
+        return superres.execute(cfg, layout.out("tokens"), layout.out("features"), layout.out("tokenizer"),
+                                layout.out("validate"), layout.out("base"), layout.out("superres"),
+                                layout.checkpoints("superres"), layout.metrics("superres"), parent_run_id)
     raise AssertionError(name)
 
 
 @app.command()
 @user_errors
-def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features | tokenizer | tokens.")) -> None:
+def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features | tokenizer | tokens | base | superres.")) -> None:
     """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this."""
     from components.stage import Layout
 
@@ -248,6 +260,89 @@ def models() -> None:
             count = sum(p.numel() for p in ImageTokenizer(spec).parameters())
         typer.echo(f"  {which} tokenizer ({spec.kind}, {spec.resolution}px f{spec.downsample}, "
                    f"{spec.grid}x{spec.grid} tokens, codebook {spec.codebook_size}): {count / 1e6:.1f}M parameters")
+    if cfg.tokenizer.kind != "vqgan":
+        return
+    from models.masked_transformer import MaskedTransformer, MaskedTransformerSpec
+    from models.text_encoder import hidden_size
+
+    base_tok, sr_tok = spec_for(cfg.tokenizer, "base"), spec_for(cfg.tokenizer, "superres")
+    for which, tok, cond in (("base", base_tok, {}),
+                             ("superres", sr_tok, {"cond_codebook_size": base_tok.codebook_size,
+                                                   "cond_grid": base_tok.grid,
+                                                   "cond_depth": cfg.superres.model.cond_depth})):
+        m = getattr(cfg, which).model
+        spec = MaskedTransformerSpec(codebook_size=tok.codebook_size, grid=tok.grid,
+                                     text_dim=hidden_size(enc.kind, enc.path), text_length=enc.max_length,
+                                     width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio,
+                                     dropout=m.dropout, **cond)
+        with torch.device("meta"):
+            count = sum(p.numel() for p in MaskedTransformer(spec).parameters())
+        typer.echo(f"  {which} generator (masked transformer, {m.depth} layers x {m.width}, "
+                   f"{spec.n_tokens} tokens): {count / 1e6:.1f}M parameters")
+
+
+# --- inference --------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def generate(
+    prompts: list[str] = typer.Argument(..., help="One or more prompts, e.g. 'two small red circles above a blue square'."),
+    output: Path = typer.Option(Path("out.png"), "--output", "-o", help="PNG path; with several images, -0, -1, ... are appended."),
+    seed: int = typer.Option(0, help="Image i of the run uses seed + i; the same seed gives the same images."),
+    guidance: Optional[float] = typer.Option(None, help="Base-model guidance scale (default: params base.sample.guidance)."),
+    steps: Optional[int] = typer.Option(None, help="Base-model decoding steps (default: params base.sample.steps)."),
+    superres_guidance: Optional[float] = typer.Option(None, help="Super-res guidance (default: params superres.sample.guidance)."),
+    superres_steps: Optional[int] = typer.Option(None, help="Super-res decoding steps (default: params superres.sample.steps)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Replaces the unconditional logits in guidance."),
+    batch: int = typer.Option(1, "--batch", help="Images per prompt."),
+    init_image: Optional[Path] = typer.Option(None, "--init-image", help="Edit this image instead of generating from scratch (needs --mask)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="With --init-image: a PNG whose white pixels mark the region to regenerate."),
+    outpaint: bool = typer.Option(False, "--outpaint", help="With --init-image: regenerate outside the mask instead of inside."),
+    artifacts: Path = typer.Option(Path("artifacts"), help="Where the trained stages' outputs are (the DVC layout)."),
+) -> None:
+    """Text -> base tokens -> super-res tokens -> decoder -> PNG, with the trained cascade."""
+    from components.images import to_uint8
+    from components.superres import load_for_inference
+
+    if batch < 1:
+        raise StageError(f"--batch must be >= 1, got {batch}")
+    if (init_image is None) != (mask is None):
+        raise StageError("editing needs both --init-image and --mask")
+    cascade = load_for_inference(_config(), artifacts / "base", artifacts / "superres", artifacts / "tokenizer")
+    all_prompts = [p for p in prompts for _ in range(batch)]
+    try:
+        if init_image is not None:
+            images = cascade.edit(all_prompts, *_edit_inputs(init_image, mask, cascade.resolution, len(all_prompts)),
+                                  seed=seed, outpaint=outpaint, guidance=guidance, steps=steps)
+        else:
+            images = cascade.generate(all_prompts, seed=seed, negative_prompt=negative_prompt, guidance=guidance,
+                                      steps=steps, superres_guidance=superres_guidance, superres_steps=superres_steps)
+    except ValueError as err:  # bad sampler settings
+        raise StageError(str(err)) from None
+    from PIL import Image
+
+    pixels = to_uint8(images)
+    paths = [output] if len(pixels) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(pixels))]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for path, image, prompt in zip(paths, pixels, all_prompts):
+        Image.fromarray(image).save(path)
+        typer.echo(f"{path}: {prompt}")
+
+
+def _edit_inputs(image_path: Path, mask_path: Path, resolution: int, n: int):
+    """(images [n,3,R,R] in [-1,1], region [n,R,R] bool) from an image and a mask file."""
+    from PIL import Image
+
+    from components.images import square_resize, to_tensor
+
+    try:
+        with Image.open(image_path) as im:
+            image = to_tensor(square_resize(im.convert("RGB"), resolution, str(image_path)))
+        with Image.open(mask_path) as m:
+            region = to_tensor(square_resize(m.convert("RGB"), resolution, str(mask_path))).mean(0) > 0
+    except OSError as err:
+        raise StageError(f"cannot read the edit inputs: {err}") from None
+    return image.expand(n, -1, -1, -1), region.expand(n, -1, -1)
 
 
 # --- KFP ---------------------------------------------------------------------------------------

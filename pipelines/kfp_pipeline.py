@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from kfp import compiler, dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 # Built from infra/Dockerfile; holds this package and its pinned dependencies.
 IMAGE = "ghcr.io/cascade-t2i/cascade:0.1.0"
@@ -76,6 +76,28 @@ def tokens(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def base(params: str, profile: str, parent_run_id: str, validated: Input[Dataset], text_features: Input[Dataset],
+         tokenizers: Input[Model], image_tokens: Input[Dataset], base_model: Output[Model],
+         samples: Output[Markdown], metrics: Output[Metrics]):
+    """Stage `base`: Muse base masked transformer from precomputed tokens + text features."""
+    from pipelines.kfp_tasks import base_task
+
+    base_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
+              samples, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def superres(params: str, profile: str, parent_run_id: str, validated: Input[Dataset], text_features: Input[Dataset],
+             tokenizers: Input[Model], image_tokens: Input[Dataset], base_model: Input[Model],
+             superres_model: Output[Model], samples: Output[Markdown], metrics: Output[Metrics]):
+    """Stage `superres`: Muse super-res masked transformer; then the whole cascade is checked."""
+    from pipelines.kfp_tasks import superres_task
+
+    superres_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
+                  superres_model, samples, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED with the failing task's reason."""
     from pipelines.kfp_tasks import finish_pipeline_task
@@ -86,7 +108,7 @@ def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl
 def build_pipeline(params_text: str):
     """The pipeline function, with `params_text` (a params.yaml) as the default of `params`."""
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features, tokenizer -> tokens.")
+    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features, tokenizer -> tokens -> base -> superres.")
     def cascade_pipeline(
         profile: str = "tiny",
         data_source: str = "",
@@ -105,9 +127,17 @@ def build_pipeline(params_text: str):
                                      validated=validate_step.outputs["validated"])
             tokenizer_step = tokenizer(params=params, profile=profile, parent_run_id=start.output,
                                        dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"])
-            tokens(params=params, profile=profile, parent_run_id=start.output, dataset=data_step.outputs["dataset"],
-                   validated=validate_step.outputs["validated"], text_features=features_step.outputs["text_features"],
-                   tokenizers=tokenizer_step.outputs["tokenizers"])
+            tokens_step = tokens(params=params, profile=profile, parent_run_id=start.output,
+                                 dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"],
+                                 text_features=features_step.outputs["text_features"],
+                                 tokenizers=tokenizer_step.outputs["tokenizers"])
+            trained = dict(validated=validate_step.outputs["validated"],
+                           text_features=features_step.outputs["text_features"],
+                           tokenizers=tokenizer_step.outputs["tokenizers"],
+                           image_tokens=tokens_step.outputs["image_tokens"])
+            base_step = base(params=params, profile=profile, parent_run_id=start.output, **trained)
+            superres(params=params, profile=profile, parent_run_id=start.output,
+                     base_model=base_step.outputs["base_model"], **trained)
 
     return cascade_pipeline
 

@@ -105,6 +105,40 @@ def tokens_task(params, profile, parent_run_id, dataset, validated, text_feature
     _log_metrics(metrics, result.metrics)
 
 
+def base_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
+              samples, metrics) -> None:
+    from components import base
+
+    cfg = _config(params, profile)
+    result = base.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
+                          Path(validated.path), Path(base_model.path), _checkpoint_root("base"),
+                          _metrics_file(metrics), parent_run_id)
+    _describe_generator(base_model, samples, result)
+    _log_metrics(metrics, result.metrics)
+
+
+def superres_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
+                  superres_model, samples, metrics) -> None:
+    from components import superres
+
+    cfg = _config(params, profile)
+    result = superres.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
+                              Path(validated.path), Path(base_model.path), Path(superres_model.path),
+                              _checkpoint_root("superres"), _metrics_file(metrics), parent_run_id)
+    _describe_generator(superres_model, samples, result)
+    _log_metrics(metrics, result.metrics)
+
+
+def _describe_generator(model_artifact, samples, result) -> None:
+    """Model metadata for the KFP UI and a Markdown page with the exact-checker table."""
+    model_artifact.metadata.update({k: v for k, v in result.metrics.items()
+                                    if k in ("parameters", "checker_overall", "checker_single_colour_shape",
+                                             "checker_pair_overall")})
+    table = Path(model_artifact.path) / "checker.md"
+    body = table.read_text() if table.is_file() else "No exact-checker evaluation (user data or eval_prompts: 0).\n"
+    Path(samples.path).write_text("# Exact checker on held-out prompts\n\n" + body)
+
+
 def validation_report_html(validate_dir: Path) -> str:
     """A self-contained page for the KFP UI: pass/fail, counts, quarantine reasons."""
     summary = json.loads((validate_dir / "summary.json").read_text())

@@ -1,9 +1,12 @@
 """Shared fixtures. Tests run from the repo root on CPU; nothing touches the network."""
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from components.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,3 +38,54 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     mlflow.set_tracking_uri(uri)  # in-process: an earlier test's set_tracking_uri would win over the env
     yield uri
     mlflow.set_tracking_uri(None)
+
+
+# --- a smoke-profile pipeline, run once per session -------------------------------------------
+
+@dataclass(frozen=True)
+class SmokeArtifacts:
+    cfg: object
+    data: Path
+    validate: Path
+    features: Path
+    tokenizer: Path
+    checkpoints: Path
+
+
+@pytest.fixture(scope="session")
+def smoke_artifacts(tmp_path_factory) -> SmokeArtifacts:
+    from components import data, features, tokenizer, validate
+
+    cfg = load_config(REPO / "params.yaml", "smoke")
+    root = tmp_path_factory.mktemp("smoke")
+    art = SmokeArtifacts(cfg, root / "data", root / "validate", root / "features", root / "tokenizer", root / "ckpt")
+    data.run(cfg.data, art.data)
+    validate.run(cfg.validate, art.data, art.validate)
+    features.run(cfg.features, art.validate, art.features)
+    tokenizer.run(cfg.tokenizer, art.data, art.validate, art.tokenizer, art.checkpoints)
+    return art
+
+
+@dataclass(frozen=True)
+class SmokeCascade:
+    art: SmokeArtifacts
+    tokens: Path
+    base: Path
+    superres: Path
+    base_metrics: dict
+    superres_metrics: dict
+
+
+@pytest.fixture(scope="session")
+def smoke_cascade(smoke_artifacts, tmp_path_factory) -> SmokeCascade:
+    """smoke_artifacts carried on through tokens -> base -> superres (the whole masked cascade)."""
+    from components import base, superres, tokens
+
+    art = smoke_artifacts
+    root = tmp_path_factory.mktemp("smoke_cascade")
+    tokens.run(art.cfg.tokens, art.data, art.validate, art.tokenizer, root / "tokens", art.features)
+    b = base.run(art.cfg.base, root / "tokens", art.features, art.tokenizer, art.validate, root / "base",
+                 root / "ckpt" / "base")
+    s = superres.run(art.cfg, root / "tokens", art.features, art.tokenizer, art.validate, root / "base",
+                     root / "superres", root / "ckpt" / "superres")
+    return SmokeCascade(art, root / "tokens", root / "base", root / "superres", b.metrics, s.metrics)

@@ -103,7 +103,7 @@ def test_missing_accepted_manifest_says_what_to_run(tmp_path, smoke_artifacts):
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
-    from components.tokenizer import lr_factor
+    from components.training import lr_factor
 
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)

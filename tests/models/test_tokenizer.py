@@ -209,6 +209,22 @@ def test_restart_dead_codes_revives_only_dead_rows(quantizer):
     assert model.restart_dead_codes(latents, torch.ones(K)) == 0
 
 
+def test_restarts_seed_codes_where_the_live_codes_fit_worst():
+    torch.manual_seed(0)
+    model = ImageTokenizer(VQ)  # euclidean, 32 codes of dim 4
+    K = VQ.codebook_size
+    with torch.no_grad():
+        model.codebook.data[0] = 0.0  # the one live code: "background" at the origin
+    background = torch.randn(990, 4) * 1e-3  # 99% of latents sit on the live code
+    edges = torch.randn(10, 4) + 5.0  # 1% are far from it
+    usage = torch.zeros(K)
+    usage[0] = 1000
+    model.restart_dead_codes(torch.cat([background, edges]), usage)
+    restarted = model.codebook.detach()[1:]
+    near_edges = (restarted - 5.0).norm(dim=1) < 4  # uniform draws would put ~1% of them here
+    assert near_edges.float().mean() > 0.9
+
+
 def test_restart_rejects_kl_and_bad_shapes(vq):
     with pytest.raises(ValueError, match="vqgan"):
         ImageTokenizer(KL).restart_dead_codes(torch.zeros(4, 4), torch.zeros(32))

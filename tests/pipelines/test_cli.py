@@ -17,7 +17,7 @@ from pipelines.cli import app
 from tests.conftest import REPO
 
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "compile", "run")
+COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "compile", "run")
 
 
 def invoke(*args) -> "object":
@@ -215,8 +215,80 @@ def test_models_reports_parameter_counts_for_the_production_profile():
     assert result.exit_code == 0, result.output
     assert "profile base256" in result.stdout
     assert "text encoder (minilm, frozen): 22.7M parameters" in result.stdout
+    assert "base generator (masked transformer, 24 layers x 1024, 256 tokens)" in result.stdout
+    assert "superres generator (masked transformer, 16 layers x 768, 1024 tokens)" in result.stdout
 
 
 def test_repro_refuses_a_profile_dvc_cannot_see():
     line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "base256", "repro"))
     assert "dvc repro uses params.yaml's `profile:" in line and "dvc exp run -S profile=base256" in line
+
+
+# --- generate --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_artifacts(smoke_cascade, tmp_path_factory) -> Path:
+    """The smoke cascade laid out as the DVC pipeline leaves it (artifacts/<stage>)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    for name, path in (("base", smoke_cascade.base), ("superres", smoke_cascade.superres),
+                       ("tokenizer", smoke_cascade.art.tokenizer)):
+        shutil.copytree(path, root / name)
+    return root
+
+
+def test_generate_writes_a_png_at_the_superres_resolution_deterministically(trained_artifacts, tmp_path):
+    from PIL import Image
+
+    args = ("--params", PARAMS, "--profile", "smoke", "generate", "two small red circles above a blue square",
+            "--artifacts", trained_artifacts, "--seed", 3, "--guidance", 2.0, "--steps", 3)
+    first = invoke(*args, "-o", tmp_path / "a.png")
+    assert first.exit_code == 0, first.output
+    second = invoke(*args, "-o", tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    with Image.open(tmp_path / "a.png") as im:
+        side = load_config(PARAMS, "smoke").tokenizer.superres.resolution
+        assert im.size == (side, side) and im.mode == "RGB"
+    other = invoke(*args[:-4], "--seed", 4, "--negative-prompt", "a red circle", "-o", tmp_path / "c.png")
+    assert other.exit_code == 0, other.output and second.exit_code == 0
+
+
+def test_generate_batches_prompts_and_images_per_prompt(trained_artifacts, tmp_path):
+    result = invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle", "two blue squares",
+                    "--batch", 2, "--artifacts", trained_artifacts, "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out-{i}.png" for i in range(4)]
+    assert "out-2.png: two blue squares" in result.stdout
+
+
+def test_generate_inpaints_inside_a_mask(trained_artifacts, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    side = load_config(PARAMS, "smoke").tokenizer.superres.resolution
+    Image.fromarray(np.full((side, side, 3), 255, np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((side, side, 3), np.uint8)
+    mask[: side // 2] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle", "--artifacts",
+                    trained_artifacts, "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
+                    "-o", tmp_path / "edit.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "edit.png").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--batch", "0"), "--batch must be >= 1"),
+    (("--steps", "0"), "sampler steps must be a positive integer"),
+    (("--init-image", "x.png"), "needs both --init-image and --mask"),
+])
+def test_generate_bad_options_are_one_line_errors(trained_artifacts, extra, message):
+    line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle",
+                                       "--artifacts", trained_artifacts, *extra))
+    assert message in line
+
+
+def test_generate_without_a_trained_cascade_says_what_to_run(tmp_path):
+    line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle",
+                                       "--artifacts", tmp_path))
+    assert "train the cascade first (cascade repro)" in line

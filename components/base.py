@@ -1,0 +1,58 @@
+"""Stage `base`: the Muse base model, a masked transformer over the base tokenizer's tokens.
+
+Trains from precomputed tokens + text features (components.generator), exports
+out_dir/generator.safetensors + generator.json (spec and sampler settings), then checks the
+base model alone: held-out test prompts are decoded by parallel decoding at the default guidance
+and at guidance 0, turned into pixels by the base tokenizer, and read back by the exact checker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from components.config import CascadeConfig, GeneratorConfig
+from components.generator import GeneratorResult, evaluate_prompts, report_files, train
+from components.io import ACCEPTED_FILE, write_json
+from components.stage import TrackedInput, tracked
+from components.tracking import lightning_logger
+
+
+def run(cfg: GeneratorConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
+        out_dir: Path, ckpt_dir: Path, logger=None, callbacks: list | None = None) -> GeneratorResult:
+    from models.masked_transformer import check_tokenizer_contract
+    from models.sampling import SamplerSettings, decode
+    from models.tokenizer import load_tokenizer
+
+    out_dir = Path(out_dir)
+    trained = train(cfg, "base", tokens_dir, features_dir, out_dir, ckpt_dir, logger, callbacks)
+    if trained.model is None:  # a DDP rank other than 0
+        return GeneratorResult({}, out_dir)
+    model, metrics = trained.model, dict(trained.metrics)
+    decoder = load_tokenizer(Path(tokenizer_dir) / "base")
+    check_tokenizer_contract(model.spec, decoder.codebook_size, decoder.spec.grid, what="base generator")
+    settings = SamplerSettings(**asdict(cfg.sample))
+
+    def generate(text: torch.Tensor, mask: torch.Tensor, seeds: list[int], guidance: float) -> torch.Tensor:
+        tokens = decode(model, text, mask, settings.replace(guidance=guidance), seeds)  # [B, g*g]
+        g = model.spec.grid
+        return decoder.decode(tokens.view(-1, g, g)).clamp(-1, 1)
+
+    metrics.update(evaluate_prompts(generate, cfg, features_dir, validate_dir, out_dir))
+    write_json(out_dir / "metrics.json", metrics)
+    return GeneratorResult(metrics, out_dir)
+
+
+def execute(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
+            out_dir: Path, ckpt_dir: Path, metrics_file: Path, parent_run_id: str | None = None) -> GeneratorResult:
+    return tracked(
+        "base", cfg,
+        lambda: run(cfg.base, tokens_dir, features_dir, tokenizer_dir, validate_dir, out_dir, ckpt_dir,
+                    lightning_logger()),
+        metrics_file,
+        inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "base")],
+        artifacts=lambda r: report_files(out_dir),
+        parent_run_id=parent_run_id,
+    )

@@ -1,0 +1,95 @@
+"""Stage `superres`: the Muse super-resolution model, then the whole cascade checked end to end.
+
+Trains a masked transformer over the super-res tokenizer's tokens, conditioned on the text and on
+the base tokenizer's token map of the same image (ground-truth low-res tokens in training, the
+base model's samples at inference). After export, held-out test prompts run through the full
+cascade (models.cascade: text -> base tokens -> super-res tokens -> super-res decoder) at the
+default guidance of both models and with guidance off, and the exact checker reads the images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from components.config import CascadeConfig
+from components.errors import BadInputError
+from components.generator import GeneratorResult, evaluate_prompts, report_files, train
+from components.io import ACCEPTED_FILE, write_json
+from components.stage import TrackedInput, tracked
+from components.tracking import lightning_logger
+
+
+def load_cascade(cfg: CascadeConfig, base_dir: Path, tokenizer_dir: Path, superres_model=None,
+                 superres_dir: Path | None = None, text_encoder=None, text_dim: int | None = None):
+    """models.cascade.Cascade from the stages' outputs; the contracts are checked on construction."""
+    from models.cascade import Cascade, CascadeSettings
+    from models.masked_transformer import load_generator
+    from models.sampling import SamplerSettings
+    from models.tokenizer import load_tokenizer
+
+    superres = superres_model if superres_model is not None else load_generator(Path(superres_dir))
+    settings = CascadeSettings(SamplerSettings(**asdict(cfg.base.sample)), SamplerSettings(**asdict(cfg.superres.sample)))
+    return Cascade(text_encoder, load_generator(Path(base_dir)), superres, load_tokenizer(Path(tokenizer_dir) / "base"),
+                   load_tokenizer(Path(tokenizer_dir) / "superres"), settings, text_dim=text_dim)
+
+
+def load_for_inference(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, tokenizer_dir: Path):
+    """The full cascade with its frozen text encoder, as `cascade generate` and the registry use it.
+
+    The encoder comes from params (features.encoder) and must be the one the generators were trained
+    with: its fingerprint is compared with the one saved next to the generator weights.
+    """
+    from models.masked_transformer import read_generator_meta
+    from models.text_encoder import FrozenTextEncoder
+
+    for directory in (base_dir, tokenizer_dir, superres_dir):
+        if not Path(directory).is_dir():
+            raise BadInputError(f"{directory}: missing; train the cascade first (cascade repro)")
+    enc = cfg.features.encoder
+    try:
+        saved = read_generator_meta(base_dir).get("text_encoder", {})
+        encoder = FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length)
+        if saved.get("fingerprint") not in (None, encoder.fingerprint):
+            raise BadInputError(f"{base_dir}: trained with text encoder {saved.get('kind')} "
+                                f"({saved.get('path') or 'packaged'}), params has {enc.kind} ({enc.path or 'packaged'}); "
+                                "features.encoder must match the training run")
+        return load_cascade(cfg, base_dir, tokenizer_dir, superres_dir=superres_dir, text_encoder=encoder)
+    except ValueError as err:  # a missing/corrupt checkpoint or a broken contract, already one line
+        raise BadInputError(str(err)) from None
+
+
+def run(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
+        base_dir: Path, out_dir: Path, ckpt_dir: Path, logger=None, callbacks: list | None = None) -> GeneratorResult:
+    out_dir = Path(out_dir)
+    trained = train(cfg.superres, "superres", tokens_dir, features_dir, out_dir, ckpt_dir, logger, callbacks)
+    if trained.model is None:  # a DDP rank other than 0
+        return GeneratorResult({}, out_dir)
+    metrics = dict(trained.metrics)
+    cascade = load_cascade(cfg, base_dir, tokenizer_dir, superres_model=trained.model,
+                           text_dim=trained.model.spec.text_dim)
+
+    def generate(text: torch.Tensor, mask: torch.Tensor, seeds: list[int], guidance: float) -> torch.Tensor:
+        # guidance 0 switches guidance off in both models; otherwise each uses its own default
+        off = 0.0 if guidance == 0 else None
+        return cascade.generate_from_text(text, mask, seeds=seeds, guidance=off, superres_guidance=guidance)
+
+    metrics.update(evaluate_prompts(generate, cfg.superres, features_dir, validate_dir, out_dir))
+    write_json(out_dir / "metrics.json", metrics)
+    return GeneratorResult(metrics, out_dir)
+
+
+def execute(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
+            base_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_file: Path,
+            parent_run_id: str | None = None) -> GeneratorResult:
+    return tracked(
+        "superres", cfg,
+        lambda: run(cfg, tokens_dir, features_dir, tokenizer_dir, validate_dir, base_dir, out_dir, ckpt_dir,
+                    lightning_logger()),
+        metrics_file,
+        inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "superres")],
+        artifacts=lambda r: report_files(out_dir),
+        parent_run_id=parent_run_id,
+    )

@@ -1,0 +1,118 @@
+"""Lightning plumbing shared by the training stages (tokenizer, base, superres).
+
+Checkpoints live outside the stage's DVC outputs (Layout.checkpoints), keyed by a fingerprint of
+everything that defines the run (spec, training config, data), so a killed run resumes from
+`last.ckpt` and a changed config starts afresh. `fit` runs the Trainer with a checkpoint every N
+steps plus a final one, and reports where this process started (> 0 after a resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.errors import StageError
+from components.io import write_json
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> dict:
+    """Lightning's lr_scheduler entry for lr_factor, stepped every optimizer step."""
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
+    return {"scheduler": schedule, "interval": "step"}
+
+
+def fingerprint(**parts) -> str:
+    payload = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def prepare_checkpoints(ckpt_dir: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to resume from, or None; wipes checkpoints made under another fingerprint."""
+    marker = ckpt_dir / "fingerprint.json"
+    if ckpt_dir.exists():
+        old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if old != fingerprint:
+            shutil.rmtree(ckpt_dir)  # another spec, config or dataset: resuming it would be wrong
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint})
+    last = ckpt_dir / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def precision(value: str) -> str:
+    if value != "auto":
+        return value
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def quiet_lightning() -> None:
+    # Lightning's start-up chatter (accelerator banner, a product tip) and a deprecation inside
+    # Lightning itself would bury the stage's own output.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    trainer: object  # lightning.Trainer
+    seconds: float
+    resumed_from: int  # global step this process started at (0 = from scratch)
+
+
+def fit(stage: str, module, loader, *, steps: int, checkpoint_every: int, precision_name: str, devices: int,
+        ckpt_dir: Path, run_fingerprint: str, logger=None, callbacks: list | None = None,
+        find_unused_parameters: bool = False, gradient_clip_val: float | None = None) -> FitResult:
+    """Train `module` for `steps` optimizer steps with checkpoint/resume; raises StageError if it stops early."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class StartStep(Callback):  # where this process began: > 0 when it resumed a checkpoint
+        step: int | None = None  # stays None when a finished checkpoint leaves nothing to train
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.step = trainer.global_step
+
+    quiet_lightning()
+    ckpt_dir = Path(ckpt_dir)
+    resume = prepare_checkpoints(ckpt_dir, run_fingerprint)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_last=True,
+                                 save_top_k=0, enable_version_counter=False)
+    start_step = StartStep()
+    strategy = "auto"
+    if devices > 1:
+        strategy = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
+    trainer = L.Trainer(
+        max_steps=steps, max_epochs=-1, accelerator="auto", devices=devices, strategy=strategy,
+        precision=precision(precision_name), callbacks=[checkpoint, start_step, *(callbacks or [])],
+        logger=logger or False, default_root_dir=ckpt_dir, enable_model_summary=False, num_sanity_val_steps=0,
+        gradient_clip_val=gradient_clip_val, limit_val_batches=0, log_every_n_steps=max(1, min(50, steps // 10)), enable_progress_bar=True,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    seconds = time.perf_counter() - start
+    # The final state too (checkpoint_every need not divide steps): a re-run then finds the
+    # training complete instead of repeating the last steps.
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    if trainer.global_step < steps:
+        raise StageError(f"{stage}: training stopped at step {trainer.global_step} of {steps}; "
+                         f"re-run to resume from {ckpt_dir / 'last.ckpt'}")
+    resumed_from = start_step.step if start_step.step is not None else trainer.global_step
+    return FitResult(trainer, seconds, resumed_from)
+
