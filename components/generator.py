@@ -16,6 +16,7 @@ made the loss erratic) and a resumed run draws the same masks it would have draw
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from components.config import GeneratorConfig, GeneratorTrainConfig
 from components.errors import BadInputError, StageError
 from components.features import FeatureStore
 from components.tokens import TokenStore
-from components.training import fingerprint, fit, warmup_cosine
+from components.training import code_digest, fingerprint, fit, warmup_cosine
 
 
 def spec_for(cfg: GeneratorConfig, tokens: TokenStore, features: FeatureStore, which: str):
@@ -166,7 +167,10 @@ def train(cfg: GeneratorConfig, which: str, tokens_dir: Path, features_dir: Path
     if t.batch_size > len(keys):
         raise BadInputError(f"{which}.train.batch_size {t.batch_size} exceeds the {len(keys)} training items")
     dataset = TokenTextDataset(tokens, features, keys, which)
+    import models.masked_transformer
+
     run_fingerprint = fingerprint(spec=spec.to_dict(), train=asdict(t), tokens=tokens.address(which),
+                                  code=code_digest(models.masked_transformer, sys.modules[__name__]),
                                   cond=tokens.address("base") if which == "superres" else None,
                                   features=features.fingerprint)
 

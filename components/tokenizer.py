@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ from components.io import ACCEPTED_FILE, frame_digest, write_json
 from components.io import read_accepted as _read_accepted
 from components.stage import TrackedInput, tracked
 from components.tracking import lightning_logger
-from components.training import fingerprint, fit, warmup_cosine
+from components.training import code_digest, fingerprint, fit, warmup_cosine
 
 WHICH = ("base", "superres")
 IMAGE_COLUMNS = ["key", "shard", "image_member", "sha256", "split", "scene"]
@@ -157,8 +158,13 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
         raise BadInputError("tokenizer: no accepted items in the train split")
     dataset = ShardImageDataset(data_dir, train_rows, spec.resolution)
     perceptual = (cfg.perceptual.weights, cfg.perceptual.weight)
+    import models.discriminator
+    import models.losses
+    import models.tokenizer
+
+    code = code_digest(models.tokenizer, models.discriminator, models.losses, sys.modules[__name__])
     run_fingerprint = fingerprint(spec=spec.to_dict(), train=asdict(t), perceptual=perceptual,
-                                  data=frame_digest(train_rows[["key", "sha256"]]))
+                                  data=frame_digest(train_rows[["key", "sha256"]]), code=code)
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # same init on every rank
     module = _lightning_module()(spec.to_dict(), asdict(t), *perceptual)

@@ -43,6 +43,15 @@ def fingerprint(**parts) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def code_digest(*modules) -> str:
+    """sha256 of the modules' source files: training code that changed must not resume old checkpoints
+    (DVC re-runs a stage when its code changes; the stage must then train, not re-export)."""
+    h = hashlib.sha256(Path(__file__).read_bytes())  # this loop's code counts too
+    for module in modules:
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def prepare_checkpoints(ckpt_dir: Path, fingerprint: str) -> Path | None:
     """The checkpoint to resume from, or None; wipes checkpoints made under another fingerprint."""
     marker = ckpt_dir / "fingerprint.json"

@@ -94,6 +94,9 @@ class FrozenTextEncoder(nn.Module):
         model_dir = resolve_model_dir(kind, path)
         fingerprint = _fingerprint_dir(kind, model_dir, max_length)
         from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar would bury the caller's output
 
         model_class = {"minilm": AutoModel, "t5": T5EncoderModel, "clip": CLIPTextModel}[kind]
         try:

@@ -306,6 +306,12 @@ def generate(
 
     if batch < 1:
         raise StageError(f"--batch must be >= 1, got {batch}")
+    for name, value in (("--steps", steps), ("--superres-steps", superres_steps)):
+        if value is not None and value < 1:
+            raise StageError(f"{name} must be >= 1 (sampler steps must be a positive integer), got {value}")
+    for name, value in (("--guidance", guidance), ("--superres-guidance", superres_guidance)):
+        if value is not None and not value >= 0:
+            raise StageError(f"{name} must be a number >= 0, got {value}")
     if (init_image is None) != (mask is None):
         raise StageError("editing needs both --init-image and --mask")
     cascade = load_for_inference(_config(), artifacts / "base", artifacts / "superres", artifacts / "tokenizer")

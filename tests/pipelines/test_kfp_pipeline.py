@@ -50,13 +50,16 @@ def test_pipeline_runs_end_to_end_under_kfp_local_with_nested_mlflow_runs(tmp_pa
     assert (outputs["features/text_features"] / "items.parquet").is_file()
     assert (outputs["tokenizer/tokenizers"] / "base" / "tokenizer.safetensors").is_file()
     assert (outputs["tokens/image_tokens"] / "superres" / "codes.safetensors").is_file()
+    assert (outputs["base/base_model"] / "generator.safetensors").is_file()
+    assert (outputs["superres/superres_model"] / "generator.safetensors").is_file()
+    assert "| guidance |" in outputs["superres/samples"].read_text()  # the Markdown table for the KFP UI
 
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
     assert parent.info.status == "FINISHED" and parent.data.tags["cascade.launcher"] == "kfp"
     stages = {r.data.tags["cascade.stage"]: r for r in runs if r.data.tags.get("cascade.kind") == "stage"}
-    assert set(stages) == {"data", "validate", "features", "tokenizer", "tokens"}
+    assert set(stages) == {"data", "validate", "features", "tokenizer", "tokens", "base", "superres"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
     assert stages["validate"].data.metrics["n_accepted"] == 288
 
