@@ -120,7 +120,7 @@ def test_ema_weights_are_what_gets_exported(smoke_cascade, tmp_path):
     ema = replace(plain, train=replace(plain.train, ema_decay=0.5))
     a = generator.train(plain, "base", smoke_cascade.tokens, art.features, tmp_path / "a", tmp_path / "ca").model
     b = generator.train(ema, "base", smoke_cascade.tokens, art.features, tmp_path / "b", tmp_path / "cb").model
-    diffs = [float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters())]
+    diffs = [float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters())]
     assert max(diffs) > 0  # same seed and data: only the averaging differs
     assert torch.equal(load_generator(tmp_path / "b").head.weight, b.head.weight)
 
