@@ -135,16 +135,10 @@ class PerceptualLoss(nn.Module):
     def from_safetensors(cls, path: str | Path) -> PerceptualLoss:
         """Weights with torchvision's `features.{i}.weight/bias` keys, plus optional LPIPS heads
         `lin{k}.weight` (k = 0..4; the lpips package's `lin{k}.model.1.weight` is accepted too)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from models.weights import read_safetensors
 
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: perceptual-loss weights file not found")
-        try:
-            state = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"{path}: corrupt or not a safetensors file ({' '.join(str(e).split())})") from None
+        state = read_safetensors(path, missing="perceptual-loss weights file not found")
 
         widths: dict[int, tuple[int, int]] = {}
         prev_out = 3

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module
+from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module, spec_from_dict
 
 FORMAT = "cascade-masked-transformer"
 FORMAT_VERSION = 1
@@ -90,16 +90,7 @@ class MaskedTransformerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> MaskedTransformerSpec:
-        if not isinstance(d, dict):
-            raise ValueError(f"masked transformer spec: expected a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"masked transformer spec: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ValueError(f"masked transformer spec: {e}") from None
+        return spec_from_dict(cls, d, "masked transformer")
 
 
 def check_tokenizer_contract(spec: MaskedTransformerSpec, codebook_size: int, grid: int,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module
+from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module, spec_from_dict
 
 KINDS = ("vqgan", "kl")
 QUANTIZERS = ("l2", "euclidean")
@@ -119,16 +119,7 @@ class TokenizerSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenizerSpec:
-        if not isinstance(d, dict):
-            raise ValueError(f"tokenizer spec: expected a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"tokenizer spec: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        try:
-            return cls(**d)
-        except TypeError as e:  # missing required keys
-            raise ValueError(f"tokenizer spec: {e}") from None
+        return spec_from_dict(cls, d, "tokenizer")
 
 
 # -----------------------------------------------------------------------------

@@ -49,19 +49,39 @@ def read_meta(path: Path, *, fmt: str, version: int) -> dict:
     return meta
 
 
-def load_state_into(module: nn.Module, weights_path: Path, spec_file: str) -> nn.Module:
-    """Load safetensors weights into `module`, refusing missing, unexpected or mis-shaped tensors."""
+def read_safetensors(path: Path, missing: str = "missing") -> dict:
+    """A safetensors file's tensors on CPU; a missing or unreadable file is a one-line ValueError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise ValueError(f"{weights_path}: missing")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: {missing}")
     try:
-        state = load_file(str(weights_path), device="cpu")
+        return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        reason = " ".join(str(e).split())
-        raise ValueError(f"{weights_path}: corrupt or truncated safetensors ({reason})") from None
+        raise ValueError(f"{path}: corrupt or truncated safetensors ({' '.join(str(e).split())})") from None
+
+
+def spec_from_dict(cls, d, what: str):
+    """Build a spec dataclass from its saved dict; unknown or missing keys are one-line ValueErrors."""
+    from dataclasses import fields
+
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} spec: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{what} spec: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**d)
+    except TypeError as e:  # missing required keys
+        raise ValueError(f"{what} spec: {e}") from None
+
+
+def load_state_into(module: nn.Module, weights_path: Path, spec_file: str) -> nn.Module:
+    """Load safetensors weights into `module`, refusing missing, unexpected or mis-shaped tensors."""
+    state = read_safetensors(weights_path)
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

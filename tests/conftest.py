@@ -27,6 +27,22 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def sigkill_after_checkpoint(script: Path, checkpoint: Path, timeout: float = 120) -> int:
+    """Run python `script`, SIGKILL it once `checkpoint` exists (and a moment more); its return code."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let it get past the first checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A private MLflow store for one test, so tests never write the repo's mlflow.db."""

@@ -1,11 +1,7 @@
 """Stages `base` and `superres`: training from precomputed data, export, resume, NaN stop, evaluation."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -14,7 +10,7 @@ import torch
 from components import base, generator, superres
 from components.errors import BadInputError, StageError
 from models.masked_transformer import load_generator
-from tests.conftest import REPO
+from tests.conftest import REPO, sigkill_after_checkpoint
 
 
 def test_both_generators_are_exported_with_their_tokenizer_contracts(smoke_cascade):
@@ -73,15 +69,9 @@ cfg = replace(cfg, train=replace(cfg.train, steps=400, checkpoint_every=10))
 generator.train(cfg, "base", Path({str(smoke_cascade.tokens)!r}), Path({str(art.features)!r}),
                 Path({str(tmp_path / 'out')!r}), Path({str(tmp_path / 'ckpt')!r}))
 """)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "ckpt" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and last.exists(), "the run finished before it could be killed"
+    code = sigkill_after_checkpoint(script, last)
+    assert code == -signal.SIGKILL and last.exists(), "the run finished before it could be killed"
     assert not (tmp_path / "out" / "generator.safetensors").exists()
     saved = torch.load(last, map_location="cpu", weights_only=False)  # our own checkpoint, from this test
     killed_at = saved["global_step"]

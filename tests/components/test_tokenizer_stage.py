@@ -1,11 +1,7 @@
 """Stage `tokenizer`: training, export, metrics, and resume after SIGKILL."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
@@ -14,7 +10,7 @@ import torch
 from components import tokenizer
 from components.images import ShardImageDataset
 from models.tokenizer import load_tokenizer
-from tests.conftest import REPO
+from tests.conftest import REPO, sigkill_after_checkpoint
 
 
 def test_both_tokenizers_are_exported_loadable_without_lightning_with_metrics(smoke_artifacts):
@@ -60,15 +56,9 @@ cfg = replace(cfg, train=replace(cfg.train, steps=400, checkpoint_every=10, disc
 tokenizer.train_one(cfg, "base", Path({str(art.data)!r}), tokenizer.read_accepted(Path({str(art.validate)!r})),
                     Path({str(tmp_path / 'out')!r}), Path({str(tmp_path / 'ckpt')!r}))
 """)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "ckpt" / "last.ckpt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)  # let it get past the first checkpoint
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and last.exists(), "the run finished before it could be killed"
+    code = sigkill_after_checkpoint(script, last)
+    assert code == -signal.SIGKILL and last.exists(), "the run finished before it could be killed"
     assert not (tmp_path / "out" / "base" / "tokenizer.safetensors").exists()
     saved = torch.load(last, map_location="cpu", weights_only=False)  # our own checkpoint, from this test
     killed_at = saved["global_step"]
