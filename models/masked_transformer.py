@@ -19,14 +19,14 @@ pooled text plus micro-conditioning, and has no path for a low-res token map.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module, spec_from_dict
+from models.weights import directory_digest, load_saved, read_meta, save_module, spec_from_dict
 
 FORMAT = "cascade-masked-transformer"
 FORMAT_VERSION = 1
@@ -264,19 +264,9 @@ def read_generator_meta(directory: Path) -> dict:
 
 def load_generator(directory: Path, expect: MaskedTransformerSpec | None = None, device="cpu") -> MaskedTransformer:
     """Load a generator saved by save_generator (safetensors only), in eval mode; one-line errors."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: generator directory does not exist")
-    spec_path = directory / SPEC_FILE
-    meta = read_generator_meta(directory)
-    try:
-        spec = MaskedTransformerSpec.from_dict(meta.get("spec"))
-    except ValueError as e:
-        raise ValueError(f"{spec_path}: {e}") from None
-    if expect is not None and spec != expect:
-        mismatch(spec_path, spec, expect, [f.name for f in fields(MaskedTransformerSpec)])
-    model = load_state_into(MaskedTransformer(spec), directory / WEIGHTS_FILE, SPEC_FILE)
-    return model.to(device).eval()
+    return load_saved(directory, what="generator", fmt=FORMAT, version=FORMAT_VERSION,
+                      spec_cls=MaskedTransformerSpec, build=MaskedTransformer, weights_file=WEIGHTS_FILE,
+                      spec_file=SPEC_FILE, expect=expect, device=device)
 
 
 def generator_digest(directory: Path) -> str:

@@ -21,14 +21,14 @@ check the architecture before touching the tensors; nothing here loads a pickle.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.weights import directory_digest, load_state_into, mismatch, read_meta, save_module, spec_from_dict
+from models.weights import directory_digest, load_saved, save_module, spec_from_dict
 
 KINDS = ("vqgan", "kl")
 QUANTIZERS = ("l2", "euclidean")
@@ -327,29 +327,15 @@ def save_tokenizer(model: ImageTokenizer, directory: Path) -> Path:
                        weights_file=WEIGHTS_FILE, spec_file=SPEC_FILE)
 
 
-def _read_spec(path: Path) -> TokenizerSpec:
-    meta = read_meta(path, fmt=FORMAT, version=FORMAT_VERSION)
-    try:
-        return TokenizerSpec.from_dict(meta.get("spec"))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
 def load_tokenizer(directory: Path, expect: TokenizerSpec | None = None, device="cpu") -> ImageTokenizer:
     """Load a tokenizer saved by save_tokenizer (safetensors only); eval mode.
 
     With `expect`, the saved spec must equal it field by field. Every failure is a one-line
     ValueError naming the file.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: tokenizer directory does not exist")
-    spec_path = directory / SPEC_FILE
-    spec = _read_spec(spec_path)
-    if expect is not None and spec != expect:
-        mismatch(spec_path, spec, expect, [f.name for f in fields(TokenizerSpec)])
-    model = load_state_into(ImageTokenizer(spec), directory / WEIGHTS_FILE, SPEC_FILE)
-    return model.to(device).eval()
+    return load_saved(directory, what="tokenizer", fmt=FORMAT, version=FORMAT_VERSION, spec_cls=TokenizerSpec,
+                      build=ImageTokenizer, weights_file=WEIGHTS_FILE, spec_file=SPEC_FILE, expect=expect,
+                      device=device)
 
 
 def tokenizer_digest(directory: Path) -> str:

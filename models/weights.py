@@ -96,6 +96,26 @@ def load_state_into(module: nn.Module, weights_path: Path, spec_file: str) -> nn
     return module
 
 
+def load_saved(directory: Path, *, what: str, fmt: str, version: int, spec_cls, build, weights_file: str,
+               spec_file: str, expect=None, device="cpu") -> nn.Module:
+    """Read the spec (checked against `expect` field by field), build the module with `build(spec)`,
+    load its weights; eval mode on `device`. Every failure is a one-line ValueError naming the file."""
+    from dataclasses import fields
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: {what} directory does not exist")
+    spec_path = directory / spec_file
+    meta = read_meta(spec_path, fmt=fmt, version=version)
+    try:
+        spec = spec_cls.from_dict(meta.get("spec"))
+    except ValueError as e:
+        raise ValueError(f"{spec_path}: {e}") from None
+    if expect is not None and spec != expect:
+        mismatch(spec_path, spec, expect, [f.name for f in fields(spec_cls)])
+    return load_state_into(build(spec), directory / weights_file, spec_file).to(device).eval()
+
+
 def directory_digest(directory: Path, names: tuple[str, ...]) -> str:
     """sha256 over the named files' bytes (name-separated): a saved model's content address."""
     directory = Path(directory)
