@@ -90,12 +90,23 @@ class TokenizerModelConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
-class TokenizerTrainConfig:
+class TrainLoopConfig:
+    """What every Lightning training stage shares (components.training.fit reads these)."""
+
     steps: int
     batch_size: int
     lr: float
     betas: tuple[float, float]
     warmup_steps: int  # linear warm-up, then cosine decay to 10% of lr
+    checkpoint_every: int  # Lightning checkpoint (with save_last) every N steps, for resume
+    seed: int  # initialisation; generators add the global rank for masks and dropout
+    precision: str  # "auto": bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
+    devices: int  # >1 trains with DDP
+    num_workers: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TokenizerTrainConfig(TrainLoopConfig):
     l1_weight: float
     l2_weight: float
     reg_weight: float  # codebook + commitment (vqgan) or KL (kl) loss weight
@@ -103,11 +114,6 @@ class TokenizerTrainConfig:
     disc_weight: float
     disc_lr: float
     restart_every: int  # dead-code restart interval in steps (vqgan; none in the last 10%); 0 = off
-    checkpoint_every: int  # Lightning checkpoint (with save_last) every N steps, for resume
-    seed: int
-    precision: str  # "auto": bf16-mixed on GPU, 32-true on CPU; or any Lightning precision
-    devices: int  # >1 trains with DDP
-    num_workers: int
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -146,21 +152,11 @@ class GeneratorModelConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
-class GeneratorTrainConfig:
-    steps: int
-    batch_size: int
-    lr: float
-    betas: tuple[float, float]
+class GeneratorTrainConfig(TrainLoopConfig):
     weight_decay: float
-    warmup_steps: int  # linear warm-up, then cosine decay to 10% of lr
     grad_clip: float  # max gradient norm; 0 = off
     text_dropout: float  # share of examples trained without text (classifier-free guidance)
     ema_decay: float  # EMA of weights (exported instead of the raw weights); 0 = off
-    checkpoint_every: int
-    seed: int  # + global rank for masks and dropout; initialisation uses the seed alone
-    precision: str  # "auto": bf16-mixed on GPU, 32-true on CPU
-    devices: int  # >1 trains with DDP
-    num_workers: int
 
 
 @dataclass(frozen=True, config=_STRICT)

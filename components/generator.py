@@ -92,8 +92,9 @@ def _lightning_module():
 
         def configure_optimizers(self):
             t = self.train_cfg
-            decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-            rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+            decay, rest = [], []  # weight decay on matrices, not on embeddings, norms and biases
+            for name, p in self.model.named_parameters():
+                (decay if p.ndim >= 2 and "embedding" not in name else rest).append(p)
             optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                            {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
             return {"optimizer": optimizer, "lr_scheduler": warmup_cosine(optimizer, t.warmup_steps, t.steps)}
@@ -156,6 +157,7 @@ def train(cfg: GeneratorConfig, which: str, tokens_dir: Path, features_dir: Path
     """Train the `which` ("base" | "superres") generator; export it to out_dir (rank 0)."""
     import lightning as L
 
+    import models.masked_transformer
     from models.masked_transformer import save_generator
 
     t = cfg.train
@@ -167,8 +169,6 @@ def train(cfg: GeneratorConfig, which: str, tokens_dir: Path, features_dir: Path
     if t.batch_size > len(keys):
         raise BadInputError(f"{which}.train.batch_size {t.batch_size} exceeds the {len(keys)} training items")
     dataset = TokenTextDataset(tokens, features, keys, which)
-    import models.masked_transformer
-
     run_fingerprint = fingerprint(spec=spec.to_dict(), train=asdict(t), tokens=tokens.address(which),
                                   code=code_digest(models.masked_transformer, sys.modules[__name__]),
                                   cond=tokens.address("base") if which == "superres" else None,
@@ -176,19 +176,13 @@ def train(cfg: GeneratorConfig, which: str, tokens_dir: Path, features_dir: Path
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # identical initialisation on every rank
     module = _lightning_module()(spec.to_dict(), asdict(t), which)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=t.steps * t.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True,
-                                         collate_fn=whole_batch, num_workers=t.num_workers,
-                                         persistent_workers=t.num_workers > 0)
     extra_callbacks = list(callbacks or [])
     if t.ema_decay > 0:
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
         extra_callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
-    result = fit(which, module, loader, steps=t.steps, checkpoint_every=t.checkpoint_every,
-                 precision_name=t.precision, devices=t.devices, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint,
-                 logger=logger, callbacks=extra_callbacks,
-                 gradient_clip_val=t.grad_clip or None)
+    result = fit(which, module, dataset, t, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint, logger=logger,
+                 callbacks=extra_callbacks, collate_fn=whole_batch, gradient_clip_val=t.grad_clip or None)
     if result.trainer.global_rank != 0:
         return TrainedGenerator(None, {})
     model = module.model.eval().float().cpu()

@@ -168,11 +168,7 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # same init on every rank
     module = _lightning_module()(spec.to_dict(), asdict(t), *perceptual)
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=t.steps * t.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
-    result = fit(f"tokenizer {which}", module, loader, steps=t.steps, checkpoint_every=t.checkpoint_every,
-                 precision_name=t.precision, devices=t.devices, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint,
+    result = fit(f"tokenizer {which}", module, dataset, t, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint,
                  logger=logger, find_unused_parameters=True)  # D is idle before disc_start
     trainer, seconds, resumed_from = result.trainer, result.seconds, result.resumed_from
     if trainer.global_rank != 0:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from components.config import TrainLoopConfig
 from components.errors import StageError
 from components.io import write_json
 
@@ -85,10 +86,11 @@ class FitResult:
     resumed_from: int  # global step this process started at (0 = from scratch)
 
 
-def fit(stage: str, module, loader, *, steps: int, checkpoint_every: int, precision_name: str, devices: int,
-        ckpt_dir: Path, run_fingerprint: str, logger=None, callbacks: list | None = None,
-        find_unused_parameters: bool = False, gradient_clip_val: float | None = None) -> FitResult:
-    """Train `module` for `steps` optimizer steps with checkpoint/resume; raises StageError if it stops early."""
+def fit(stage: str, module, dataset, loop: TrainLoopConfig, *, ckpt_dir: Path, run_fingerprint: str, logger=None,
+        callbacks: list | None = None, collate_fn=None, find_unused_parameters: bool = False,
+        gradient_clip_val: float | None = None) -> FitResult:
+    """Train `module` on `dataset` for `loop.steps` optimizer steps (batches drawn with replacement)
+    with checkpoint/resume; raises StageError if it stops early."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -101,17 +103,21 @@ def fit(stage: str, module, loader, *, steps: int, checkpoint_every: int, precis
     quiet_lightning()
     ckpt_dir = Path(ckpt_dir)
     resume = prepare_checkpoints(ckpt_dir, run_fingerprint)
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=checkpoint_every, save_last=True,
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=loop.steps * loop.batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=loop.batch_size, sampler=sampler, drop_last=True,
+                                         collate_fn=collate_fn, num_workers=loop.num_workers,
+                                         persistent_workers=loop.num_workers > 0)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=loop.checkpoint_every, save_last=True,
                                  save_top_k=0, enable_version_counter=False)
     start_step = StartStep()
     strategy = "auto"
-    if devices > 1:
+    if loop.devices > 1:
         strategy = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
     trainer = L.Trainer(
-        max_steps=steps, max_epochs=-1, accelerator="auto", devices=devices, strategy=strategy,
-        precision=precision(precision_name), callbacks=[checkpoint, start_step, *(callbacks or [])],
+        max_steps=loop.steps, max_epochs=-1, accelerator="auto", devices=loop.devices, strategy=strategy,
+        precision=precision(loop.precision), callbacks=[checkpoint, start_step, *(callbacks or [])],
         logger=logger or False, default_root_dir=ckpt_dir, enable_model_summary=False, num_sanity_val_steps=0,
-        gradient_clip_val=gradient_clip_val, limit_val_batches=0, log_every_n_steps=max(1, min(50, steps // 10)), enable_progress_bar=True,
+        gradient_clip_val=gradient_clip_val, limit_val_batches=0, log_every_n_steps=max(1, min(50, loop.steps // 10)), enable_progress_bar=True,
     )
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
@@ -119,8 +125,8 @@ def fit(stage: str, module, loader, *, steps: int, checkpoint_every: int, precis
     # The final state too (checkpoint_every need not divide steps): a re-run then finds the
     # training complete instead of repeating the last steps.
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-    if trainer.global_step < steps:
-        raise StageError(f"{stage}: training stopped at step {trainer.global_step} of {steps}; "
+    if trainer.global_step < loop.steps:
+        raise StageError(f"{stage}: training stopped at step {trainer.global_step} of {loop.steps}; "
                          f"re-run to resume from {ckpt_dir / 'last.ckpt'}")
     resumed_from = start_step.step if start_step.step is not None else trainer.global_step
     return FitResult(trainer, seconds, resumed_from)
