@@ -176,6 +176,79 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class EvaluatorTrainConfig(TrainLoopConfig):
+    weight_decay: float
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EvaluatorConfig:
+    """The domain evaluator: an image tower trained contrastively against the frozen text encoder on
+    the training split; its image features serve FID and its image-text cosine the CLIP score."""
+
+    resolution: int  # images are resized to this side before scoring (the cascade's output side)
+    channels: tuple[int, ...]  # conv tower widths; every stage after the first halves the side
+    embed_dim: int  # joint image-text space
+    train: EvaluatorTrainConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DecoderTrainConfig(TrainLoopConfig):
+    l1_weight: float
+    l2_weight: float
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DecoderFinetuneConfig:
+    """Muse decoder finetuning: a larger decoder for the super-res tokenizer's (frozen) codes."""
+
+    channels: tuple[int, ...]  # the new decoder's block widths (same count as the tokenizer's)
+    layers_per_block: int
+    train: DecoderTrainConfig
+    eval_images: int  # validation images for PSNR / L1 / reconstruction FID, old vs new decoder
+
+
+@dataclass(frozen=True, config=_STRICT)
+class FidConfig:
+    inception_weights: Optional[str]  # FID InceptionV3 weights file: standard FID; null = domain evaluator
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ClipConfig:
+    model_path: Optional[str]  # local CLIP checkpoint directory; null = domain evaluator cosine
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EvaluateConfig:
+    guidance_scales: tuple[float, ...]  # the sweep (base model guidance; XGen-Image-1: 15 scales)
+    prompts: int  # prompt-image pairs per scale for FID and CLIP (XGen: 30k; 1k to compare checkpoints)
+    caption_prefix: str  # prepended to every prompt, e.g. "A photograph of" (XGen); "" = none
+    seed: int  # image i of every scale uses seed + i
+    batch_size: int
+    grid_prompts: int  # prompts in each guidance scale's fixed-seed sample grid
+    checker_prompts: int  # held-out test prompts read back by the exact checker (default guidance)
+    prompt_suites: tuple[str, ...]  # files of prompts with an optional category column
+    fid: FidConfig
+    clip: ClipConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
+class GatesConfig:
+    """Promotion gates: absolute thresholds, then a margin over the current champion."""
+
+    max_fid: float
+    min_clip_score: float
+    min_checker_single: float
+    primary: Literal["fid", "clip_score", "checker_single", "checker_pair"]  # compared with the champion
+    margin: float  # the new version must beat the champion's primary metric by more than this
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RegisterConfig:
+    model_name: str  # MLflow registered model name
+    gates: GatesConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
 class TrackingConfig:
     experiment: str
 
@@ -191,6 +264,10 @@ class CascadeConfig:
     tokens: TokensConfig
     base: GeneratorConfig
     superres: GeneratorConfig
+    evaluator: EvaluatorConfig
+    decoder_ft: DecoderFinetuneConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig
 
 
 def _overlay(base: dict, overlay: dict, path: str) -> dict:
