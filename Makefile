@@ -25,4 +25,4 @@ test: setup
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf artifacts metrics mlflow.db mlruns .dvc/tmp
+	rm -rf artifacts metrics plots mlflow.db mlruns .dvc/tmp

@@ -237,7 +237,7 @@ class GatesConfig:
 
     max_fid: float
     min_clip_score: float
-    min_checker_single: float
+    min_checker_single: Optional[float]  # null: no checker gate (data without scenes has no checker figures)
     primary: Literal["fid", "clip_score", "checker_single", "checker_pair"]  # compared with the champion
     margin: float  # the new version must beat the champion's primary metric by more than this
 

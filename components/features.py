@@ -35,12 +35,11 @@ from components.config import CascadeConfig, FeaturesConfig, TextEncoderConfig
 from components.errors import BadInputError, StageError
 from components.io import ACCEPTED_FILE, sha256_bytes, write_json, write_manifest
 from components.io import read_accepted as _read_accepted
-from components.stage import TrackedInput, tracked
+from components.stage import Progress, TrackedInput, counter, tracked
 from models.text_encoder import FrozenTextEncoder, encoder_fingerprint  # imports transformers only on load
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None] | None
 
 ENCODER_FILE = "encoder.json"
 INDEX_FILE = "index.parquet"
@@ -234,13 +233,7 @@ def run(cfg: FeaturesConfig, validate_dir: Path, out_dir: Path, progress: Progre
         dtype = DTYPES[enc.dtype]
         rows_per_pack = max(1, PACK_BYTES // (enc.max_length * encoder.dim * dtype.itemsize))
         next_pack = int(index["pack"].max()) + 1 if len(index) else 0
-        n_done = 0
-
-        def on_batch(n: int) -> None:
-            nonlocal n_done
-            n_done += n
-            if progress:
-                progress(n_done)
+        on_batch = counter(progress)
 
         for pack, chunk in enumerate(_chunks(new, rows_per_pack), start=next_pack):
             emb, mask = _encode_pack(encoder, [unique[sha] for sha in chunk], cfg.batch_size, dtype, on_batch)

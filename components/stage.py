@@ -18,7 +18,24 @@ from components.config import CascadeConfig, flatten, to_dict
 from components.errors import StageError
 from components.io import write_json
 
-STAGES = ("data", "validate", "features", "tokenizer", "tokens", "base", "superres")
+STAGES = ("data", "validate", "features", "evaluator", "tokenizer", "tokens", "base", "superres", "decoder_ft",
+          "evaluate", "register")
+
+
+Progress = Callable[[int], None] | None  # progress(items done so far), e.g. a CLI progress bar
+
+
+def counter(progress: Progress) -> Callable[[int], None]:
+    """Per-batch counts -> the cumulative `progress(done)` calls a progress bar expects."""
+    done = 0
+
+    def add(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done)
+
+    return add
 
 
 @dataclass(frozen=True)
@@ -32,6 +49,10 @@ class Layout:
 
     def metrics(self, stage: str) -> Path:
         return self.root / "metrics" / f"{stage}.json"
+
+    def plots(self, stage: str) -> Path:
+        """A stage's DVC plot data (outside its outs: DVC refuses overlapping outputs)."""
+        return self.root / "plots" / f"{stage}.csv"
 
     def checkpoints(self, stage: str) -> Path:
         """Training checkpoints: outside DVC's outs (DVC clears those before a run), so a killed

@@ -23,8 +23,11 @@ from components.tracking import lightning_logger
 
 
 def load_cascade(cfg: CascadeConfig, base_dir: Path, tokenizer_dir: Path, superres_model=None,
-                 superres_dir: Path | None = None, text_encoder=None, text_dim: int | None = None):
-    """models.cascade.Cascade from the stages' outputs; the contracts are checked on construction."""
+                 superres_dir: Path | None = None, text_encoder=None, text_dim: int | None = None,
+                 decoder_dir: Path | None = None):
+    """models.cascade.Cascade from the stages' outputs; the contracts are checked on construction.
+
+    decoder_dir: the decoder_ft stage's finetuned super-res tokenizer (default: the tokenizer stage's)."""
     from models.cascade import Cascade, CascadeSettings
     from models.masked_transformer import load_generator
     from models.sampling import SamplerSettings
@@ -33,10 +36,12 @@ def load_cascade(cfg: CascadeConfig, base_dir: Path, tokenizer_dir: Path, superr
     superres = superres_model if superres_model is not None else load_generator(Path(superres_dir))
     settings = CascadeSettings(SamplerSettings(**asdict(cfg.base.sample)), SamplerSettings(**asdict(cfg.superres.sample)))
     return Cascade(text_encoder, load_generator(Path(base_dir)), superres, load_tokenizer(Path(tokenizer_dir) / "base"),
-                   load_tokenizer(Path(tokenizer_dir) / "superres"), settings, text_dim=text_dim)
+                   load_tokenizer(Path(decoder_dir) if decoder_dir else Path(tokenizer_dir) / "superres"), settings,
+                   text_dim=text_dim)
 
 
-def load_for_inference(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, tokenizer_dir: Path):
+def load_for_inference(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, tokenizer_dir: Path,
+                       decoder_dir: Path | None = None):
     """The full cascade with its frozen text encoder, as `cascade generate` and the registry use it.
 
     The encoder comes from params (features.encoder) and must be the one the generators were trained
@@ -45,7 +50,7 @@ def load_for_inference(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, t
     from models.masked_transformer import read_generator_meta
     from models.text_encoder import FrozenTextEncoder
 
-    for directory in (base_dir, tokenizer_dir, superres_dir):
+    for directory in (base_dir, tokenizer_dir, superres_dir) + ((decoder_dir,) if decoder_dir else ()):
         if not Path(directory).is_dir():
             raise BadInputError(f"{directory}: missing; train the cascade first (cascade repro)")
     enc = cfg.features.encoder
@@ -56,7 +61,8 @@ def load_for_inference(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, t
             raise BadInputError(f"{base_dir}: trained with text encoder {saved.get('kind')} "
                                 f"({saved.get('path') or 'packaged'}), params has {enc.kind} ({enc.path or 'packaged'}); "
                                 "features.encoder must match the training run")
-        return load_cascade(cfg, base_dir, tokenizer_dir, superres_dir=superres_dir, text_encoder=encoder)
+        return load_cascade(cfg, base_dir, tokenizer_dir, superres_dir=superres_dir, text_encoder=encoder,
+                            decoder_dir=decoder_dir)
     except ValueError as err:  # a missing/corrupt checkpoint or a broken contract, already one line
         raise BadInputError(str(err)) from None
 

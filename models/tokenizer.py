@@ -14,6 +14,11 @@ ViT-VQGAN (Yu et al. 2022) variant, `quantizer="l2"`, does a cosine lookup (l2-n
 and codes) over the same codebook parameter; it is ours because diffusers has no such quantizer.
 `codebook_dim` (VQModel's `vq_embed_dim`) sets a lower-dimensional lookup space for either.
 
+The decoder may be wider and deeper than the encoder (`decoder_channels`, `decoder_layers_per_block`;
+empty / 0 = the encoder's): Muse finetunes such a decoder on the frozen codes (`with_larger_decoder`,
+the `decoder_ft` stage). diffusers' VQModel / AutoencoderKL take one set of widths for both halves,
+so the larger decoder is a diffusers `Decoder` put in place of theirs; the state_dict keys stay the same.
+
 Weights are saved as safetensors next to a small JSON file holding the typed spec, so a loader can
 check the architecture before touching the tensors; nothing here loads a pickle.
 """
@@ -59,9 +64,12 @@ class TokenizerSpec:
     codebook_dim: int = 0  # vqgan lookup-space dim (ViT-VQGAN factorised codes); 0 = latent_channels
     quantizer: str = "euclidean"  # vqgan: "euclidean" (diffusers VectorQuantizer) | "l2" (cosine lookup)
     mid_attention: bool = True  # self-attention in the encoder/decoder mid blocks (diffusers default)
+    decoder_channels: tuple[int, ...] = ()  # decoder block widths; () = channels (the encoder's)
+    decoder_layers_per_block: int = 0  # decoder depth; 0 = layers_per_block (the encoder's)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "decoder_channels", tuple(int(c) for c in self.decoder_channels))
         self._validate()
 
     def _validate(self) -> None:
@@ -87,6 +95,16 @@ class TokenizerSpec:
         for c in self.channels:
             if c < 1 or c % self.norm_groups:
                 raise bad(f"every channel count must be a positive multiple of norm_groups {self.norm_groups}, got {c}")
+        if self.decoder_channels:
+            if len(self.decoder_channels) != n_blocks:
+                raise bad(f"decoder_channels needs {n_blocks} entries like channels, got {list(self.decoder_channels)}")
+            for c in self.decoder_channels:
+                if c < 1 or c % self.norm_groups:
+                    raise bad(f"every decoder_channels entry must be a positive multiple of norm_groups "
+                              f"{self.norm_groups}, got {c}")
+        d = self.decoder_layers_per_block
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise bad(f"decoder_layers_per_block must be >= 0 (0 = layers_per_block), got {d!r}")
         if self.kind == "vqgan":
             if not isinstance(self.codebook_size, int) or not 2 <= self.codebook_size <= MAX_CODEBOOK:
                 raise bad(
@@ -106,6 +124,14 @@ class TokenizerSpec:
         return self.resolution // self.downsample
 
     @property
+    def decoder_widths(self) -> tuple[int, ...]:
+        return self.decoder_channels or self.channels
+
+    @property
+    def decoder_depth(self) -> int:
+        return self.decoder_layers_per_block or self.layers_per_block
+
+    @property
     def code_dim(self) -> int:
         """Dimension of the vectors the codebook holds (vqgan) / of the latents (kl)."""
         if self.kind == "vqgan" and self.codebook_dim:
@@ -115,6 +141,7 @@ class TokenizerSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        d["decoder_channels"] = list(self.decoder_channels)
         return d
 
     @classmethod
@@ -140,7 +167,7 @@ class ImageTokenizer(nn.Module):
     def __init__(self, spec: TokenizerSpec):
         super().__init__()
         from diffusers import AutoencoderKL, VQModel
-        from diffusers.models.autoencoders.vae import VectorQuantizer
+        from diffusers.models.autoencoders.vae import Decoder, VectorQuantizer
 
         self.spec = spec
         n = len(spec.channels)
@@ -165,21 +192,33 @@ class ImageTokenizer(nn.Module):
                 nn.init.normal_(self.codebook)  # unit-scale rows: cosine lookup ignores the norm anyway
         else:
             self.vae = AutoencoderKL(**common)
+        if (spec.decoder_widths, spec.decoder_depth) != (spec.channels, spec.layers_per_block):
+            self.net.decoder = Decoder(
+                in_channels=spec.latent_channels, out_channels=3, up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=spec.decoder_widths, layers_per_block=spec.decoder_depth,
+                norm_num_groups=spec.norm_groups, act_fn="silu", mid_block_add_attention=spec.mid_attention,
+            )
         self._check_contracts()
 
     def _check_contracts(self) -> None:
         """Structural checks that the built network matches the spec (no forward pass needed)."""
         s = self.spec
-        net = self.vq if self.is_vq else self.vae
+        net = self.net
         n_down = sum(1 for b in net.encoder.down_blocks if b.downsamplers is not None)
         n_up = sum(1 for b in net.decoder.up_blocks if b.upsamplers is not None)
         assert 2**n_down == s.downsample == 2**n_up, (n_down, n_up, s.downsample)
         assert net.decoder.conv_out.out_channels == 3
+        assert net.decoder.conv_in.out_channels == s.decoder_widths[-1]
         if self.is_vq:
             assert tuple(self.codebook.shape) == (s.codebook_size, s.code_dim)
             assert self.vq.quant_conv.out_channels == s.code_dim
 
     # -- properties ------------------------------------------------------------
+
+    @property
+    def net(self) -> nn.Module:
+        """The diffusers autoencoder (VQModel or AutoencoderKL)."""
+        return self.vq if self.is_vq else self.vae
 
     @property
     def is_vq(self) -> bool:
@@ -196,8 +235,7 @@ class ImageTokenizer(nn.Module):
 
     def last_decoder_weight(self) -> nn.Parameter:
         """Weight of the decoder's final conv, for the adaptive GAN weight (taming)."""
-        net = self.vq if self.is_vq else self.vae
-        return net.decoder.conv_out.weight
+        return self.net.decoder.conv_out.weight
 
     # -- core ------------------------------------------------------------------
 
@@ -304,6 +342,39 @@ class ImageTokenizer(nn.Module):
         new = new + 0.01 * new.norm(dim=1, keepdim=True).clamp_min(1e-6) * torch.randn_like(new) / math.sqrt(D)
         self.codebook.data[dead] = new
         return int(dead.numel())
+
+
+def frozen_parameter_names(tokenizer: ImageTokenizer) -> list[str]:
+    """Parameters that fix the codes: encoder, quant_conv and the codebook. Decoder finetuning must
+    leave them untouched (the generators were trained on these codes); the rest is the decoder side."""
+    prefix = "vq." if tokenizer.is_vq else "vae."
+    frozen = tuple(prefix + part for part in ("encoder.", "quant_conv.", "quantize."))
+    return [name for name, _ in tokenizer.named_parameters() if name.startswith(frozen)]
+
+
+def with_larger_decoder(tokenizer: ImageTokenizer, channels: tuple[int, ...], layers_per_block: int) -> ImageTokenizer:
+    """A copy of `tokenizer` with a freshly initialised decoder of the given widths and depth (Muse
+    decoder finetuning); encoder, quant_conv, codebook and post_quant_conv are copied exactly.
+
+    The decoder must be at least as wide and as deep as the source's (ValueError otherwise); the
+    new decoder draws its initialisation from the global torch RNG.
+    """
+    from dataclasses import replace
+
+    src = tokenizer.spec
+    channels = tuple(int(c) for c in channels)
+    if len(channels) != len(src.decoder_widths):
+        raise ValueError(f"decoder channels {list(channels)} need {len(src.decoder_widths)} entries, "
+                         f"one per block of the tokenizer's {list(src.decoder_widths)}")
+    if any(c < s for c, s in zip(channels, src.decoder_widths)) or layers_per_block < src.decoder_depth:
+        raise ValueError(f"the new decoder ({list(channels)}, {layers_per_block} layers per block) must not be "
+                         f"smaller than the tokenizer's ({list(src.decoder_widths)}, {src.decoder_depth})")
+    model = ImageTokenizer(replace(src, decoder_channels=channels, decoder_layers_per_block=layers_per_block))
+    decoder = ("vq.decoder.", "vae.decoder.")
+    kept = {k: v for k, v in tokenizer.state_dict().items() if not k.startswith(decoder)}
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    assert not unexpected and all(k.startswith(decoder) for k in missing), (missing, unexpected)
+    return model.to(next(tokenizer.parameters()).device)
 
 
 def codebook_stats(indices: Tensor, codebook_size: int) -> tuple[float, float]:

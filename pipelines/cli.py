@@ -118,12 +118,48 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
         return superres.execute(cfg, layout.out("tokens"), layout.out("features"), layout.out("tokenizer"),
                                 layout.out("validate"), layout.out("base"), layout.out("superres"),
                                 layout.checkpoints("superres"), layout.metrics("superres"), parent_run_id)
+    if name == "evaluator":
+        from components import evaluator
+
+        return evaluator.execute(cfg, layout.out("data"), layout.out("validate"), layout.out("features"),
+                                 layout.out("evaluator"), layout.checkpoints("evaluator"), layout.metrics("evaluator"),
+                                 parent_run_id)
+    if name == "decoder_ft":
+        from components import decoder_ft
+        from components.scoring import fid_features
+
+        return decoder_ft.execute(cfg, layout.out("data"), layout.out("validate"), layout.out("tokens"),
+                                  layout.out("tokenizer"), layout.out("base"), layout.out("superres"),
+                                  layout.out("decoder_ft"), layout.checkpoints("decoder_ft"), layout.metrics("decoder_ft"),
+                                  parent_run_id, feature_module=fid_features(cfg.evaluate, layout.out("evaluator"),
+                                                                             layout.out("features")))
+    if name == "evaluate":
+        import shutil
+
+        from components import evaluate
+
+        with progress_bar("evaluate", None, unit="image") as progress:
+            result = evaluate.execute(cfg, layout.out("data"), layout.out("validate"), layout.out("features"),
+                                      layout.out("tokenizer"), layout.out("base"), layout.out("superres"),
+                                      layout.out("decoder_ft"), layout.out("evaluator"), layout.out("evaluate"),
+                                      layout.metrics("evaluate"), parent_run_id, progress)
+        layout.plots("evaluate").parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(layout.out("evaluate") / "curve.csv", layout.plots("evaluate"))  # `dvc plots show`
+        return result
+    if name == "register":
+        from components import register
+        from components.io import frame_digest, read_accepted
+
+        return register.execute(cfg, layout.out("tokenizer"), layout.out("base"), layout.out("superres"),
+                                layout.out("decoder_ft"), layout.out("evaluate"), layout.out("register"),
+                                layout.metrics("register"), frame_digest(read_accepted(layout.out("validate"))),
+                                parent_run_id)
     raise AssertionError(name)
 
 
 @app.command()
 @user_errors
-def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features | tokenizer | tokens | base | superres.")) -> None:
+def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features | evaluator | tokenizer | tokens | base | superres | decoder_ft | evaluate | register.")) -> None:
     """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this."""
     from components.stage import Layout
 
@@ -139,8 +175,8 @@ def repro(
 ) -> None:
     """Run the pipeline with `dvc repro` under one MLflow parent run (the embedded default end to end)."""
     from components import tracking
-
     from components.config import load_config
+    from components.stage import Layout
 
     cfg = load_config(_state["params"])  # the profile DVC sees: params.yaml's own `profile:`
     if _state["profile"] and _state["profile"] != cfg.profile:
@@ -156,7 +192,26 @@ def repro(
     tracking.finish_pipeline_run(parent, ok=code == 0, reason=None if code == 0 else f"dvc repro exited {code}")
     if code != 0:
         raise StageError(f"dvc repro failed (exit {code}); the failing stage's message is above")
-    typer.echo(f"done. Metrics: `dvc metrics show`; runs: `mlflow ui --backend-store-uri {tracking.tracking_uri()}`")
+    typer.echo(next_steps(Layout(), tracking.tracking_uri()))
+
+
+def next_steps(layout, tracking_uri: str) -> str:
+    """What `cascade repro` prints at the end: the registered model, the report and what to run next."""
+    import json
+
+    lines = ["done. Metrics: `dvc metrics show`; plots: `dvc plots show`",
+             f"runs and registered models: mlflow ui --backend-store-uri {tracking_uri}"]
+    report = layout.out("evaluate") / "report.html"
+    if report.is_file():
+        lines.append(f"evaluation report: {report} (also report.md; the FID-vs-CLIP curve is curve.png)")
+    registration = layout.out("register") / "registration.json"
+    if registration.is_file():
+        record = json.loads(registration.read_text())
+        lines.append(f"registered: {record['model_name']} version {record['version']} -> alias {record['alias']} "
+                     f"({record['decision']})")
+    if (layout.out("superres") / "generator.json").is_file():
+        lines.append('try it: cascade generate "two small red circles above a blue square" -o sample.png')
+    return "\n".join(lines)
 
 
 # --- data commands ----------------------------------------------------------------------------
@@ -314,7 +369,9 @@ def generate(
             raise StageError(f"{name} must be a number >= 0, got {value}")
     if (init_image is None) != (mask is None):
         raise StageError("editing needs both --init-image and --mask")
-    cascade = load_for_inference(_config(), artifacts / "base", artifacts / "superres", artifacts / "tokenizer")
+    finetuned = artifacts / "decoder_ft"  # the decoder_ft stage's larger decoder, once it has run
+    cascade = load_for_inference(_config(), artifacts / "base", artifacts / "superres", artifacts / "tokenizer",
+                                 finetuned if (finetuned / "tokenizer.json").is_file() else None)
     all_prompts = [p for p in prompts for _ in range(batch)]
     try:
         if init_image is not None:
@@ -381,6 +438,26 @@ def run_pipeline(
     outputs = run_local(pipeline_root, profile=cfg.profile, params_path=_state["params"], data_source=data_source)
     for name, path in outputs.items():
         typer.echo(f"{name}: {path}")
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def promote(
+    model: str = typer.Option(..., "--model", help="Registered model name, e.g. cascade-tiny (params register.model_name)."),
+    version: str = typer.Option(..., "--version", help="The version to promote."),
+    force: bool = typer.Option(False, "--force", help="Make it the champion even if the gates fail (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why the gates are overridden; recorded on the version."),
+) -> None:
+    """Apply the promotion gates (params register.gates) to a registered version: alias champion or challenger."""
+    from components.registry import promote as do_promote
+
+    decision = do_promote(model, version, _config().register.gates, force=force, reason=reason)
+    outcome = "forced" if force else decision.outcome
+    typer.echo(f"{model} version {version}: {outcome} -> alias {decision.alias}")
+    for line in decision.reasons:
+        typer.echo(f"  {line}")
 
 
 def main() -> None:  # pragma: no cover - console script entry

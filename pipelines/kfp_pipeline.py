@@ -98,6 +98,51 @@ def superres(params: str, profile: str, parent_run_id: str, validated: Input[Dat
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluator(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset], validated: Input[Dataset],
+              text_features: Input[Dataset], evaluator_model: Output[Model], metrics: Output[Metrics]):
+    """Stage `evaluator`: the domain evaluator (FID features, CLIP score), trained once per dataset."""
+    from pipelines.kfp_tasks import evaluator_task
+
+    evaluator_task(params, profile, parent_run_id, dataset, validated, text_features, evaluator_model, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def decoder_ft(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset], validated: Input[Dataset],
+               text_features: Input[Dataset], tokenizers: Input[Model], image_tokens: Input[Dataset],
+               base_model: Input[Model], superres_model: Input[Model], evaluator_model: Input[Model],
+               decoder: Output[Model], report: Output[Markdown], metrics: Output[Metrics]):
+    """Stage `decoder_ft`: a larger super-res decoder on the frozen codes (Muse decoder finetuning)."""
+    from pipelines.kfp_tasks import decoder_ft_task
+
+    decoder_ft_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens,
+                    base_model, superres_model, evaluator_model, decoder, report, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset], validated: Input[Dataset],
+             text_features: Input[Dataset], tokenizers: Input[Model], base_model: Input[Model],
+             superres_model: Input[Model], decoder: Input[Model], evaluator_model: Input[Model],
+             evaluation: Output[Dataset], report: Output[HTML], summary: Output[Markdown], metrics: Output[Metrics]):
+    """Stage `evaluate`: FID vs CLIP over the guidance sweep, exact checker, prompt suites; HTML report."""
+    from pipelines.kfp_tasks import evaluate_task
+
+    evaluate_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, base_model,
+                  superres_model, decoder, evaluator_model, evaluation, report, summary, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register(params: str, profile: str, parent_run_id: str, model_name: str, validated: Input[Dataset],
+             tokenizers: Input[Model], base_model: Input[Model], superres_model: Input[Model],
+             decoder: Input[Model], evaluation: Input[Dataset], registration: Output[Markdown],
+             metrics: Output[Metrics]):
+    """Stage `register`: the cascade as one MLflow pyfunc model; alias champion only if the gates pass."""
+    from pipelines.kfp_tasks import register_task
+
+    register_task(params, profile, parent_run_id, model_name, validated, tokenizers, base_model, superres_model,
+                  decoder, evaluation, registration, metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the MLflow parent run as FINISHED or FAILED with the failing task's reason."""
     from pipelines.kfp_tasks import finish_pipeline_task
@@ -108,10 +153,11 @@ def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl
 def build_pipeline(params_text: str):
     """The pipeline function, with `params_text` (a params.yaml) as the default of `params`."""
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features, tokenizer -> tokens -> base -> superres.")
+    @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features -> evaluator, tokenizer -> tokens -> base -> superres -> decoder_ft -> evaluate -> register.")
     def cascade_pipeline(
         profile: str = "tiny",
         data_source: str = "",
+        model_name: str = "",
         params: str = params_text,
     ):
         # The exit task may not depend on other tasks, so the parent run is found by the job id.
@@ -135,9 +181,32 @@ def build_pipeline(params_text: str):
                            text_features=features_step.outputs["text_features"],
                            tokenizers=tokenizer_step.outputs["tokenizers"],
                            image_tokens=tokens_step.outputs["image_tokens"])
+            evaluator_step = evaluator(params=params, profile=profile, parent_run_id=start.output,
+                                       dataset=data_step.outputs["dataset"],
+                                       validated=validate_step.outputs["validated"],
+                                       text_features=features_step.outputs["text_features"])
             base_step = base(params=params, profile=profile, parent_run_id=start.output, **trained)
-            superres(params=params, profile=profile, parent_run_id=start.output,
-                     base_model=base_step.outputs["base_model"], **trained)
+            superres_step = superres(params=params, profile=profile, parent_run_id=start.output,
+                                     base_model=base_step.outputs["base_model"], **trained)
+            cascade_parts = dict(validated=validate_step.outputs["validated"],
+                                 text_features=features_step.outputs["text_features"],
+                                 tokenizers=tokenizer_step.outputs["tokenizers"],
+                                 base_model=base_step.outputs["base_model"],
+                                 superres_model=superres_step.outputs["superres_model"],
+                                 evaluator_model=evaluator_step.outputs["evaluator_model"],
+                                 dataset=data_step.outputs["dataset"])
+            decoder_step = decoder_ft(params=params, profile=profile, parent_run_id=start.output,
+                                      image_tokens=tokens_step.outputs["image_tokens"], **cascade_parts)
+            evaluate_step = evaluate(params=params, profile=profile, parent_run_id=start.output,
+                                     decoder=decoder_step.outputs["decoder"], **cascade_parts)
+            register_step = register(params=params, profile=profile, parent_run_id=start.output,
+                                     model_name=model_name, validated=validate_step.outputs["validated"],
+                                     tokenizers=tokenizer_step.outputs["tokenizers"],
+                                     base_model=base_step.outputs["base_model"],
+                                     superres_model=superres_step.outputs["superres_model"],
+                                     decoder=decoder_step.outputs["decoder"],
+                                     evaluation=evaluate_step.outputs["evaluation"])
+            register_step.set_caching_options(False)  # every run registers (and gates) a version
 
     return cascade_pipeline
 

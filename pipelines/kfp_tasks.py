@@ -129,6 +129,70 @@ def superres_task(params, profile, parent_run_id, validated, text_features, toke
     _log_metrics(metrics, result.metrics)
 
 
+def evaluator_task(params, profile, parent_run_id, dataset, validated, text_features, evaluator_model,
+                   metrics) -> None:
+    from components import evaluator
+
+    cfg = _config(params, profile)
+    result = evaluator.execute(cfg, Path(dataset.path), Path(validated.path), Path(text_features.path),
+                               Path(evaluator_model.path), _checkpoint_root("evaluator"), _metrics_file(metrics),
+                               parent_run_id)
+    evaluator_model.metadata.update({k: v for k, v in result.metrics.items() if k.startswith("retrieval")})
+    _log_metrics(metrics, result.metrics)
+
+
+def decoder_ft_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens,
+                    base_model, superres_model, evaluator_model, decoder, report, metrics) -> None:
+    from components import decoder_ft
+    from components.scoring import fid_features
+
+    cfg = _config(params, profile)
+    result = decoder_ft.execute(cfg, Path(dataset.path), Path(validated.path), Path(image_tokens.path),
+                                Path(tokenizers.path), Path(base_model.path), Path(superres_model.path),
+                                Path(decoder.path), _checkpoint_root("decoder_ft"), _metrics_file(metrics),
+                                parent_run_id, feature_module=fid_features(cfg.evaluate, Path(evaluator_model.path),
+                                                                           Path(text_features.path)))
+    decoder.metadata.update({k: v for k, v in result.metrics.items() if k.startswith(("psnr", "fid"))})
+    page = Path(decoder.path) / "report.md"
+    Path(report.path).write_text(page.read_text() if page.is_file() else "No decoder report.\n")
+    _log_metrics(metrics, result.metrics)
+
+
+def evaluate_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, base_model,
+                  superres_model, decoder, evaluator_model, evaluation, report, summary, metrics) -> None:
+    from components import evaluate
+
+    cfg = _config(params, profile)
+    result = evaluate.execute(cfg, Path(dataset.path), Path(validated.path), Path(text_features.path),
+                              Path(tokenizers.path), Path(base_model.path), Path(superres_model.path),
+                              Path(decoder.path), Path(evaluator_model.path), Path(evaluation.path),
+                              _metrics_file(metrics), parent_run_id)
+    evaluation.metadata.update({k: result.metrics[k] for k in ("fid", "clip_score", "checker_single", "checker_pair")
+                                if k in result.metrics})
+    Path(report.path).write_text((Path(evaluation.path) / "report.html").read_text())
+    Path(summary.path).write_text((Path(evaluation.path) / "report.md").read_text())
+    _log_metrics(metrics, result.metrics)
+
+
+def register_task(params, profile, parent_run_id, model_name, validated, tokenizers, base_model, superres_model,
+                  decoder, evaluation, registration, metrics) -> None:
+    from components import register
+    from components.io import frame_digest, read_accepted
+
+    cfg = _config(params, profile, {"register.model_name": model_name} if model_name else None)
+    out = Path(tempfile.mkdtemp(prefix="cascade-register-"))
+    result = register.execute(cfg, Path(tokenizers.path), Path(base_model.path), Path(superres_model.path),
+                              Path(decoder.path), Path(evaluation.path), out, _metrics_file(metrics),
+                              frame_digest(read_accepted(Path(validated.path))), parent_run_id)
+    record = json.loads((out / "registration.json").read_text())
+    registration.metadata.update({k: record[k] for k in ("model_name", "version", "alias", "model_uri") if k in record})
+    reasons = "".join(f"- {r}\n" for r in record.get("reasons", []))
+    Path(registration.path).write_text(
+        f"# Registered {record.get('model_name')} version {record.get('version')}\n\n"
+        f"Alias: **{record.get('alias')}** ({record.get('decision')})\n\n{reasons}")
+    _log_metrics(metrics, result.metrics)
+
+
 def _describe_generator(model_artifact, samples, result) -> None:
     """Model metadata for the KFP UI and a Markdown page with the exact-checker table."""
     model_artifact.metadata.update({k: v for k, v in result.metrics.items()

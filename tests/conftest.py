@@ -51,6 +51,9 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for stage subprocesses (dvc, kfp.local)
     monkeypatch.delenv("CASCADE_PARENT_RUN_ID", raising=False)
+    # mlflow.set_experiment caches the experiment id (env and module global); a fresh store has none
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.tracking.fluent._active_experiment_id = None
     mlflow.set_tracking_uri(uri)  # in-process: an earlier test's set_tracking_uri would win over the env
     yield uri
     mlflow.set_tracking_uri(None)
@@ -105,3 +108,28 @@ def smoke_cascade(smoke_artifacts, tmp_path_factory) -> SmokeCascade:
     s = superres.run(art.cfg, root / "tokens", art.features, art.tokenizer, art.validate, root / "base",
                      root / "superres", root / "ckpt" / "superres")
     return SmokeCascade(art, root / "tokens", root / "base", root / "superres", b.metrics, s.metrics)
+
+
+@pytest.fixture(scope="session")
+def smoke_evaluator(smoke_artifacts, tmp_path_factory) -> Path:
+    """The smoke profile's domain evaluator (FID features, CLIP score)."""
+    from components import evaluator
+
+    art = smoke_artifacts
+    root = tmp_path_factory.mktemp("smoke_evaluator")
+    evaluator.run(art.cfg, art.data, art.validate, art.features, root / "evaluator", root / "ckpt")
+    return root / "evaluator"
+
+
+@pytest.fixture(scope="session")
+def smoke_decoder(smoke_cascade, smoke_evaluator, tmp_path_factory) -> Path:
+    """The smoke cascade's finetuned super-res decoder (decoder_ft stage)."""
+    from components import decoder_ft
+    from components.scoring import fid_features
+
+    art = smoke_cascade.art
+    root = tmp_path_factory.mktemp("smoke_decoder")
+    decoder_ft.run(art.cfg, art.data, art.validate, smoke_cascade.tokens, art.tokenizer, smoke_cascade.base,
+                   smoke_cascade.superres, root / "decoder", root / "ckpt",
+                   feature_module=fid_features(art.cfg.evaluate, smoke_evaluator, art.features))
+    return root / "decoder"

@@ -1,4 +1,5 @@
-"""models.tokenizer: shapes, spec validation, save/load round trip and errors, dead-code restarts."""
+"""models.tokenizer: shapes, spec validation, save/load round trip and errors, dead-code restarts,
+larger decoders."""
 
 import dataclasses
 import math
@@ -11,9 +12,11 @@ from models.tokenizer import (
     ImageTokenizer,
     TokenizerSpec,
     codebook_stats,
+    frozen_parameter_names,
     load_tokenizer,
     save_tokenizer,
     tokenizer_digest,
+    with_larger_decoder,
 )
 
 # tiny specs: 16 px, one downsampling (f2) -> 8x8 tokens
@@ -241,3 +244,82 @@ def test_codebook_stats_known_histograms():
     assert used == 1 / K and math.isclose(ppl, 1.0)
     used, ppl = codebook_stats(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), K)  # 4 codes equally
     assert used == 0.25 and math.isclose(ppl, 4.0, rel_tol=1e-9)
+
+
+# --- a larger decoder (Muse decoder finetuning) ---------------------------------------------------
+
+BIG = dataclasses.replace(VQ, decoder_channels=(16, 32), decoder_layers_per_block=2)
+
+
+def test_spec_decoder_fields_round_trip(tmp_path):
+    d = BIG.to_dict()
+    assert d["decoder_channels"] == [16, 32] and d["decoder_layers_per_block"] == 2
+    assert TokenizerSpec.from_dict(d) == BIG
+    assert (BIG.decoder_widths, BIG.decoder_depth) == ((16, 32), 2)
+    assert (VQ.decoder_widths, VQ.decoder_depth) == ((8, 16), 1)  # empty / 0: the encoder's
+    torch.manual_seed(0)
+    save_tokenizer(ImageTokenizer(BIG), tmp_path / "big")
+    assert load_tokenizer(tmp_path / "big", expect=BIG).spec == BIG
+
+
+def test_spec_saved_before_decoder_fields_still_loads(saved):
+    import json
+
+    meta = json.loads((saved / "tokenizer.json").read_text())
+    for key in ("decoder_channels", "decoder_layers_per_block"):
+        del meta["spec"][key]
+    (saved / "tokenizer.json").write_text(json.dumps(meta))
+    loaded = load_tokenizer(saved, expect=VQ)
+    assert loaded.spec.decoder_channels == () and loaded.spec.decoder_layers_per_block == 0
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(decoder_channels=(16, 32, 32)), "decoder_channels needs 2 entries"),
+        (dict(decoder_channels=(16, 30)), "decoder_channels entry must be a positive multiple of norm_groups 4"),
+        (dict(decoder_channels=(0, 16)), "norm_groups"),
+        (dict(decoder_layers_per_block=-1), "decoder_layers_per_block"),
+    ],
+)
+def test_spec_decoder_validation(change, message):
+    with pytest.raises(ValueError, match=message) as e:
+        dataclasses.replace(VQ, **change)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec", [VQ, KL], ids=["vqgan", "kl"])
+def test_with_larger_decoder_copies_the_code_side_exactly(spec):
+    torch.manual_seed(0)
+    source = ImageTokenizer(spec).eval()
+    big = with_larger_decoder(source, (16, 32), 2).eval()
+    assert big.spec == dataclasses.replace(spec, decoder_channels=(16, 32), decoder_layers_per_block=2)
+    old, new = source.state_dict(), big.state_dict()
+    prefix = "vq." if spec.kind == "vqgan" else "vae."
+    frozen = frozen_parameter_names(big)
+    assert frozen == frozen_parameter_names(source)
+    assert {n.split(".")[1] for n in frozen} == ({"encoder", "quant_conv", "quantize"} if spec.kind == "vqgan"
+                                                 else {"encoder", "quant_conv"})
+    for name in [*frozen, prefix + "post_quant_conv.weight", prefix + "post_quant_conv.bias"]:
+        assert torch.equal(old[name], new[name]), name
+    # the encoder side keeps the normal tokenizer's key layout; only the decoder grew
+    assert {k for k in old if ".decoder." not in k} == {k for k in new if ".decoder." not in k}
+    count = lambda m: sum(p.numel() for p in m.net.decoder.parameters())  # noqa: E731
+    assert count(big) > 2 * count(source)
+    assert len(big.net.decoder.up_blocks[0].resnets) == 3  # layers_per_block + 1, as in diffusers
+    x = images()
+    with torch.no_grad():
+        codes = source.encode(x)
+        assert torch.equal(big.encode(x), codes)
+        assert big.decode(codes).shape == source.decode(codes).shape == (2, 3, 16, 16)
+
+
+def test_with_larger_decoder_rejects_wrong_or_smaller_decoders(vq):
+    with pytest.raises(ValueError, match="need 2 entries"):
+        with_larger_decoder(vq, (16, 32, 64), 2)
+    with pytest.raises(ValueError, match="must not be smaller"):
+        with_larger_decoder(vq, (4, 16), 2)
+    with pytest.raises(ValueError, match="must not be smaller"):
+        with_larger_decoder(vq, (16, 32), 0)
+    with pytest.raises(ValueError, match="norm_groups"):
+        with_larger_decoder(vq, (16, 34), 2)

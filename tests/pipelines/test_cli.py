@@ -17,7 +17,7 @@ from pipelines.cli import app
 from tests.conftest import REPO
 
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "compile", "run")
+COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "compile", "run", "promote")
 
 
 def invoke(*args) -> "object":

@@ -56,6 +56,10 @@ def test_repro_runs_every_stage_skips_unchanged_reruns_downstream_and_round_trip
         assert (root / "metrics" / f"{stage}.json").is_file()
     assert (root / "artifacts/validate/accepted.parquet").is_file()
     assert (root / "dvc.lock").is_file()
+    # the FID-vs-CLIP curve is a DVC plot
+    plots = _sh([str(BIN / "dvc"), "plots", "show", "--json"], root, env)
+    assert "plots/evaluate.csv" in plots.stdout and "clip_score" in plots.stdout
+    assert "cascade generate" in first.stdout and "mlflow ui" in first.stdout  # where to go next
 
     # one parent run with a nested run per stage
     client = mlflow.MlflowClient()

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from components.errors import StageError
+from components.stage import STAGES
 from pipelines.kfp_pipeline import compile_pipeline
 from pipelines.local import run_local
 from tests.conftest import REPO
@@ -28,9 +29,17 @@ def test_compiled_pipeline_has_the_stages_and_ui_parameters(tmp_path):
     tasks = spec["root"]["dag"]["tasks"]
     assert "exit-handler-1" in tasks and tasks["finish-pipeline"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
-    assert {"start-pipeline", "data", "validate", "features", "tokenizer", "tokens"} <= set(inner)
+    assert {"start-pipeline", "data", "validate", "features", "evaluator", "tokenizer", "tokens", "base", "superres",
+            "decoder-ft", "evaluate", "register"} <= set(inner)
     assert set(inner["tokens"]["dependentTasks"]) >= {"features", "tokenizer"}
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"profile", "data_source", "params"}
+    assert set(inner["evaluate"]["dependentTasks"]) >= {"decoder-ft", "evaluator", "superres"}
+    assert set(inner["register"]["dependentTasks"]) >= {"evaluate", "decoder-ft"}
+    assert inner["register"]["cachingOptions"] == {}  # never cached: every run registers a version
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"profile", "data_source", "model_name", "params"}
+    # the evaluation report reaches the KFP UI as HTML and Markdown visualizations
+    outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
+    assert outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {"ghcr.io/cascade-t2i/cascade:0.1.0"}
     # no per-pod pip install: components run from the project image
@@ -53,15 +62,23 @@ def test_pipeline_runs_end_to_end_under_kfp_local_with_nested_mlflow_runs(tmp_pa
     assert (outputs["base/base_model"] / "generator.safetensors").is_file()
     assert (outputs["superres/superres_model"] / "generator.safetensors").is_file()
     assert "| guidance |" in outputs["superres/samples"].read_text()  # the Markdown table for the KFP UI
+    assert (outputs["evaluator/evaluator_model"] / "evaluator.safetensors").is_file()
+    assert (outputs["decoder-ft/decoder"] / "tokenizer.safetensors").is_file()
+    assert "data:image/png;base64," in outputs["evaluate/report"].read_text()
+    assert "| guidance | FID | CLIP score |" in outputs["evaluate/summary"].read_text()
+    assert "Registered cascade-smoke version 1" in outputs["register/registration"].read_text()
 
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
     assert parent.info.status == "FINISHED" and parent.data.tags["cascade.launcher"] == "kfp"
     stages = {r.data.tags["cascade.stage"]: r for r in runs if r.data.tags.get("cascade.kind") == "stage"}
-    assert set(stages) == {"data", "validate", "features", "tokenizer", "tokens", "base", "superres"}
+    assert set(stages) == set(STAGES)
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in stages.values())
     assert stages["validate"].data.metrics["n_accepted"] == 288
+    # the registered version is the champion and records the pipeline run it came from
+    version = client.get_model_version_by_alias("cascade-smoke", "champion")
+    assert version.tags["pipeline_run_id"] == parent.info.run_id
 
 
 @pytest.mark.slow

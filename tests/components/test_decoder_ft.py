@@ -1,0 +1,164 @@
+"""Stage `decoder_ft`: a larger super-res decoder on frozen codes; frozen parts checked; bad input."""
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from components import decoder_ft
+from components.errors import BadInputError, StageError
+from components.tokens import TokenStore
+from models.tokenizer import ImageTokenizer, frozen_parameter_names, load_tokenizer, save_tokenizer, tokenizer_digest
+
+
+class TinyFeatures(nn.Module):
+    """A stand-in FID feature network: images [B,3,H,W] in [0,1] -> [B,8]."""
+
+    num_features = 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).relu().mean(dim=(2, 3))
+
+
+def run_stage(cascade, out, ckpt, **kw):
+    art = cascade.art
+    args = dict(cfg=art.cfg, data_dir=art.data, validate_dir=art.validate, tokens_dir=cascade.tokens,
+                tokenizer_dir=art.tokenizer, base_dir=cascade.base, superres_dir=cascade.superres,
+                out_dir=out, ckpt_dir=ckpt)
+    return decoder_ft.run(**{**args, **kw})
+
+
+@pytest.fixture(scope="module")
+def finetuned(smoke_cascade, tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoder_ft")
+    digest = tokenizer_digest(smoke_cascade.art.tokenizer / "superres")
+    result = run_stage(smoke_cascade, root / "out", root / "ckpt", feature_module=TinyFeatures())
+    assert tokenizer_digest(smoke_cascade.art.tokenizer / "superres") == digest  # the source is untouched
+    return result, root
+
+
+def test_output_is_a_tokenizer_with_the_larger_decoder_and_the_same_codes(smoke_cascade, finetuned):
+    result, _ = finetuned
+    cfg = smoke_cascade.art.cfg.decoder_ft
+    source = load_tokenizer(smoke_cascade.art.tokenizer / "superres")
+    model = load_tokenizer(result.out_dir)
+    assert model.spec == dataclasses.replace(source.spec, decoder_channels=tuple(cfg.channels),
+                                             decoder_layers_per_block=cfg.layers_per_block)
+    old, new = source.state_dict(), model.state_dict()
+    for name in frozen_parameter_names(model):  # encoder, quant_conv, codebook
+        assert torch.equal(old[name], new[name]), name
+    assert not torch.equal(old["vq.post_quant_conv.weight"], new["vq.post_quant_conv.weight"])  # it trained
+    store = TokenStore(smoke_cascade.tokens)
+    codes = store.lookup("superres", store.keys["key"].tolist()[:4])  # what the super-res generator emits
+    with torch.no_grad():
+        images = model.decode(codes)
+    r = source.spec.resolution
+    assert images.shape == (4, 3, r, r) and torch.isfinite(images).all()
+
+
+def test_metrics_report_and_grid(smoke_cascade, finetuned):
+    result, _ = finetuned
+    m = result.metrics
+    for key in ("psnr_old", "psnr_new", "l1_old", "l1_new", "psnr_gain", "fid_old", "fid_new", "train_seconds",
+                "decoder_parameters_old", "decoder_parameters_new", "final_loss"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["psnr_gain"] == pytest.approx(m["psnr_new"] - m["psnr_old"])
+    assert m["decoder_parameters_new"] > m["decoder_parameters_old"]
+    assert m["resumed_from_step"] == 0
+    assert json.loads((result.out_dir / "metrics.json").read_text()) == pytest.approx(m)
+    report = (result.out_dir / "report.md").read_text()
+    assert "| old |" in report and "| new |" in report and f"{m['psnr_new']:.2f}" in report
+    n = min(8, smoke_cascade.art.cfg.decoder_ft.eval_images)
+    r = smoke_cascade.art.cfg.tokenizer.superres.resolution
+    grid = np.asarray(Image.open(result.out_dir / "comparison.png"))
+    assert grid.shape == (3 * (r + 2), n * (r + 2), 3)  # rows: original | old decoder | new decoder
+
+
+def test_rerun_resumes_the_finished_checkpoint(smoke_cascade, finetuned, tmp_path):
+    result, root = finetuned
+    again = run_stage(smoke_cascade, tmp_path / "out", root / "ckpt")
+    assert again.metrics["resumed_from_step"] == smoke_cascade.art.cfg.decoder_ft.train.steps
+    assert "fid_new" not in again.metrics  # no feature module, no FID
+    assert again.metrics["psnr_new"] == pytest.approx(result.metrics["psnr_new"])
+
+
+def _copy_generators(cascade, tmp_path):
+    base, superres = tmp_path / "base", tmp_path / "superres"
+    shutil.copytree(cascade.base, base)
+    shutil.copytree(cascade.superres, superres)
+    return base, superres
+
+
+@pytest.mark.parametrize("what", ["codebook", "encoder", "generator"])
+def test_a_frozen_part_changed_during_training_fails(smoke_cascade, tmp_path, what):
+    from lightning.pytorch.callbacks import Callback
+
+    base, superres = _copy_generators(smoke_cascade, tmp_path)
+
+    class Tamper(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx != 1:
+                return
+            tok = pl_module.tokenizer
+            with torch.no_grad():
+                if what == "codebook":
+                    tok.codebook.add_(0.01)
+                elif what == "encoder":
+                    tok.vq.encoder.conv_in.weight.mul_(1.01)
+            if what == "generator":
+                with (base / "generator.safetensors").open("ab") as f:
+                    f.write(b"\0")
+
+    match = "base generator" if what == "generator" else "encoder, quant_conv and codebook"
+    with pytest.raises(StageError, match=f"decoder_ft: frozen {match}.* changed") as e:
+        run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", base_dir=base, superres_dir=superres,
+                  callbacks=[Tamper()])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "tokenizer.safetensors").exists()
+    assert not (tmp_path / "ckpt").exists()  # tainted checkpoints are not resumed
+
+
+def test_kl_tokenizer_is_refused(smoke_cascade, tmp_path):
+    spec = load_tokenizer(smoke_cascade.art.tokenizer / "superres").spec
+    kl = dataclasses.replace(spec, kind="kl", codebook_size=0)
+    save_tokenizer(ImageTokenizer(kl), tmp_path / "tokenizer" / "superres")
+    with pytest.raises(BadInputError, match="kl tokenizer; decoder finetuning .* VQGAN"):
+        run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", tokenizer_dir=tmp_path / "tokenizer")
+
+
+def _with_decoder(cfg, **change):
+    return dataclasses.replace(cfg, decoder_ft=dataclasses.replace(cfg.decoder_ft, **change))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(channels=(16, 32)), r"decoder_ft.channels \[16, 32\] needs 3 entries"),
+    (dict(channels=(8, 32, 64)), "decoder_ft.channels / decoder_ft.layers_per_block: .*must not be smaller"),
+])
+def test_bad_decoder_params(smoke_cascade, tmp_path, change, match):
+    cfg = _with_decoder(smoke_cascade.art.cfg, **change)
+    with pytest.raises(BadInputError, match=match):
+        run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", cfg=cfg)
+
+
+def test_missing_or_corrupt_inputs(smoke_cascade, tmp_path):
+    with pytest.raises(BadInputError, match="keys.parquet: missing; run the tokens stage"):
+        run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", tokens_dir=tmp_path / "nowhere")
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(smoke_cascade.art.tokenizer, tokenizer)
+    weights = tokenizer / "superres" / "tokenizer.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BadInputError, match="tokenizer.safetensors: corrupt or truncated"):
+        run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", tokenizer_dir=tokenizer)
+    with pytest.raises(BadInputError, match="generator.json: missing"):
+        run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", superres_dir=tmp_path / "nowhere")
