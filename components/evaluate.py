@@ -68,7 +68,7 @@ def sweep_rows(validate_dir: Path, limit: int) -> pd.DataFrame:
     rows = rows[rows["split"] == "test"].head(limit).reset_index(drop=True)
     if len(rows) < 2:
         raise BadInputError(f"{Path(validate_dir) / ACCEPTED_FILE}: {len(rows)} accepted test items; FID needs at "
-                            "least 2 (add a test split or lower nothing: evaluate.prompts is an upper bound)")
+                            "least 2 (give the data a test split: a `split` column or data.test_fraction > 0)")
     return rows
 
 
