@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
@@ -33,7 +32,7 @@ from components.errors import BadInputError, StageError
 from components.images import ShardImageDataset, save_tiled, to_uint8
 from components.io import ACCEPTED_FILE, frame_digest, write_json
 from components.stage import TrackedInput, tracked
-from components.tokenizer import read_accepted
+from components.tokenizer import _split, read_accepted
 from components.tokens import KEYS_FILE, TokenStore
 from components.tracking import lightning_logger
 from components.training import code_digest, fingerprint, fit, warmup_cosine
@@ -175,11 +174,6 @@ def open_tokens(tokens_dir: Path, tokenizer_digest: str, superres_dir: Path) -> 
         raise BadInputError(f"{superres_dir}: the super-res generator was trained on other tokens than "
                             f"{tokens_dir / 'superres'}; re-run the superres stage")
     return store
-
-
-def _split(accepted: pd.DataFrame, split: str, limit: int | None = None) -> pd.DataFrame:
-    rows = accepted[accepted["split"] == split]
-    return rows if limit is None else rows.head(limit)
 
 
 # --- evaluation -------------------------------------------------------------------------------------
