@@ -94,7 +94,7 @@ class TrainLoopConfig:
     """What every Lightning training stage shares (components.training.fit reads these)."""
 
     steps: int
-    batch_size: int
+    batch_size: int  # global: split evenly over devices x nodes
     lr: float
     betas: tuple[float, float]
     warmup_steps: int  # linear warm-up, then cosine decay to 10% of lr
@@ -249,6 +249,102 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class Toleration:
+    key: str
+    operator: Literal["Equal", "Exists"]
+    value: Optional[str]
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class NodePoolConfig:
+    """A Kubernetes node pool as the pipeline targets it (infra/terraform creates the pools)."""
+
+    image: Literal["cpu", "gpu", "tpu"]  # which of kubeflow.images its pods run
+    accelerator_resource: Optional[str]  # e.g. nvidia.com/gpu, google.com/tpu; null: CPU only
+    node_selector: dict[str, str]
+    tolerations: tuple[Toleration, ...]
+
+
+@dataclass(frozen=True, config=_STRICT)
+class NodePoolsConfig:
+    cpu: NodePoolConfig
+    gpu: NodePoolConfig
+    tpu: NodePoolConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
+class StagePlacement:
+    """Where one stage's pods run and what they ask for (per node)."""
+
+    pool: Literal["cpu", "gpu", "tpu"]
+    cpu: str  # Kubernetes quantities, e.g. "4", "500m"
+    memory: str  # e.g. "16Gi"
+    accelerators: int  # per node, of the pool's accelerator_resource
+    nodes: int  # > 1: the stage runs as a Kubeflow Trainer TrainJob (torch-distributed, DDP)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class StagePlacements:
+    data: StagePlacement
+    validate: StagePlacement
+    features: StagePlacement
+    evaluator: StagePlacement
+    tokenizer: StagePlacement
+    tokens: StagePlacement
+    base: StagePlacement
+    superres: StagePlacement
+    decoder_ft: StagePlacement
+    evaluate: StagePlacement
+    register: StagePlacement
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ImagesConfig:
+    cpu: str
+    gpu: str
+    tpu: str
+
+
+@dataclass(frozen=True, config=_STRICT)
+class CheckpointStoreConfig:
+    pvc: str  # a ReadWriteMany claim (infra/k8s/pipeline/pvc.yaml); retried and TrainJob pods share it
+    mount_path: str
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RetryConfig:
+    attempts: int  # KFP set_retry num_retries; a retried training task resumes from the PVC
+    backoff: str  # e.g. "60s"
+    factor: float
+    max_backoff: str
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainerConfig:
+    """Kubeflow Trainer (v2) TrainJobs for stages with nodes > 1."""
+
+    runtime: str  # a ClusterTrainingRuntime, e.g. torch-distributed
+    poll_seconds: int
+    timeout_hours: float
+
+
+@dataclass(frozen=True, config=_STRICT)
+class KubeflowConfig:
+    """How the compiled KFP pipeline places and runs each stage on a cluster (compile time)."""
+
+    namespace: str  # where pipeline pods and TrainJobs run
+    service_account: str  # may create TrainJobs (infra/k8s/pipeline/rbac.yaml)
+    mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI for every pod; "" leaves it unset
+    images: ImagesConfig
+    checkpoints: CheckpointStoreConfig
+    retry: RetryConfig
+    trainer: TrainerConfig
+    pools: NodePoolsConfig
+    stages: StagePlacements
+
+
+@dataclass(frozen=True, config=_STRICT)
 class TrackingConfig:
     experiment: str
 
@@ -268,6 +364,7 @@ class CascadeConfig:
     decoder_ft: DecoderFinetuneConfig
     evaluate: EvaluateConfig
     register: RegisterConfig
+    kubeflow: KubeflowConfig
 
 
 def _overlay(base: dict, overlay: dict, path: str) -> dict:

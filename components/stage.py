@@ -61,6 +61,14 @@ class Layout:
         return (Path(root) if root else self.root / "checkpoints") / stage
 
 
+def is_rank_zero() -> bool:
+    """True unless this process is a non-zero rank of a distributed launch (torchrun, a Kubeflow
+    TrainJob node, or a process Lightning started for DDP): only rank 0 records results."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
 @dataclass(frozen=True)
 class TrackedInput:
     """A parquet table logged with mlflow.log_input (name, context, content digest)."""
@@ -88,8 +96,12 @@ def tracked(
     artifacts: Callable[[R], list[Path]] = lambda r: [],
     parent_run_id: str | None = None,
 ) -> R:
-    """Run `call` inside the stage's MLflow run; write its metrics to MLflow and `metrics_file`."""
+    """Run `call` inside the stage's MLflow run; write its metrics to MLflow and `metrics_file`.
+    A non-zero distributed rank only runs `call`: rank 0 records the stage."""
     import mlflow
+
+    if not is_rank_zero():
+        return call()
 
     section = getattr(cfg, stage)
     params = {f"{stage}.{k}": v for k, v in flatten(to_dict(section)).items()}

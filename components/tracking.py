@@ -113,8 +113,11 @@ def log_input_table(path: str | Path, name: str, context: str, digest: str | Non
 
 
 def lightning_logger(prefix: str = ""):
-    """An MLFlowLogger writing Lightning's training curves into the active (stage) MLflow run."""
+    """An MLFlowLogger writing Lightning's training curves into the active (stage) MLflow run; None
+    without one (a non-zero distributed rank: rank 0 records the stage)."""
     import mlflow
     from lightning.pytorch.loggers import MLFlowLogger
 
+    if mlflow.active_run() is None:
+        return None
     return MLFlowLogger(tracking_uri=tracking_uri(), run_id=mlflow.active_run().info.run_id, prefix=prefix)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import warnings
@@ -23,6 +24,7 @@ import torch
 from components.config import TrainLoopConfig
 from components.errors import StageError
 from components.io import write_json
+from components.stage import is_rank_zero
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -56,6 +58,10 @@ def code_digest(*modules) -> str:
 def prepare_checkpoints(ckpt_dir: Path, fingerprint: str) -> Path | None:
     """The checkpoint to resume from, or None; wipes checkpoints made under another fingerprint."""
     marker = ckpt_dir / "fingerprint.json"
+    if not is_rank_zero():  # rank 0 owns the folder; the others only read what it decided
+        old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        last = ckpt_dir / "last.ckpt"
+        return last if old == fingerprint and last.is_file() else None
     if ckpt_dir.exists():
         old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
         if old != fingerprint:
@@ -64,6 +70,27 @@ def prepare_checkpoints(ckpt_dir: Path, fingerprint: str) -> Path | None:
     write_json(marker, {"fingerprint": fingerprint})
     last = ckpt_dir / "last.ckpt"
     return last if last.is_file() else None
+
+
+def process_grid(devices: int) -> tuple[int, int]:
+    """(devices per node, nodes): from torchrun's environment when it launched us (a Kubeflow
+    TrainJob sets the grid), else the params' `train.devices` on one node."""
+    world, local = os.environ.get("WORLD_SIZE"), os.environ.get("LOCAL_WORLD_SIZE")
+    if world and local:
+        world, local = int(world), int(local)
+        if world % local:
+            raise StageError(f"WORLD_SIZE {world} is not a multiple of LOCAL_WORLD_SIZE {local}")
+        return local, world // local
+    return devices, 1
+
+
+def per_process_batch(stage: str, batch_size: int, processes: int) -> int:
+    """`train.batch_size` is the global batch (as in the papers): the same params train the same
+    way on 1 GPU or 4 nodes x 8; each process takes an equal share."""
+    if batch_size % processes:
+        raise StageError(f"{stage}.train.batch_size {batch_size} is the global batch and must split evenly "
+                         f"over {processes} processes (devices x nodes)")
+    return batch_size // processes
 
 
 def precision(value: str) -> str:
@@ -103,18 +130,22 @@ def fit(stage: str, module, dataset, loop: TrainLoopConfig, *, ckpt_dir: Path, r
     quiet_lightning()
     ckpt_dir = Path(ckpt_dir)
     resume = prepare_checkpoints(ckpt_dir, run_fingerprint)
+    devices, num_nodes = process_grid(loop.devices)
+    per_process = per_process_batch(stage, loop.batch_size, devices * num_nodes)
+    # Lightning splits this sampler over the processes: each draws steps x per_process examples.
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=loop.steps * loop.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=loop.batch_size, sampler=sampler, drop_last=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=per_process, sampler=sampler, drop_last=True,
                                          collate_fn=collate_fn, num_workers=loop.num_workers,
                                          persistent_workers=loop.num_workers > 0)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=loop.checkpoint_every, save_last=True,
                                  save_top_k=0, enable_version_counter=False)
     start_step = StartStep()
     strategy = "auto"
-    if loop.devices > 1:
+    if devices * num_nodes > 1:
         strategy = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"
     trainer = L.Trainer(
-        max_steps=loop.steps, max_epochs=-1, accelerator="auto", devices=loop.devices, strategy=strategy,
+        max_steps=loop.steps, max_epochs=-1, accelerator="auto", devices=devices, num_nodes=num_nodes,
+        strategy=strategy,
         precision=precision(loop.precision), callbacks=[checkpoint, start_step, *(callbacks or [])],
         logger=logger or False, default_root_dir=ckpt_dir, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=gradient_clip_val, limit_val_batches=0, log_every_n_steps=max(1, min(50, loop.steps // 10)), enable_progress_bar=True,

@@ -159,11 +159,16 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
 
 @app.command()
 @user_errors
-def stage(name: str = typer.Argument(..., help="Stage to run: data | validate | features | evaluator | tokenizer | tokens | base | superres | decoder_ft | evaluate | register.")) -> None:
-    """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this."""
+def stage(
+    name: str = typer.Argument(..., help="Stage to run: data | validate | features | evaluator | tokenizer | tokens | base | superres | decoder_ft | evaluate | register."),
+    root: Path = typer.Option(Path("."), "--root", help="Folder holding artifacts/, metrics/ and checkpoints/ (a Kubeflow TrainJob's work folder)."),
+) -> None:
+    """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this.
+
+    Under torchrun (or a Kubeflow TrainJob) every rank runs it; only rank 0 writes and records results."""
     from components.stage import Layout
 
-    result = run_stage(name, _config(), Layout())
+    result = run_stage(name, _config(), Layout(root=root))
     typer.echo(f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in result.metrics.items()))
 
 
@@ -415,11 +420,32 @@ def _edit_inputs(image_path: Path, mask_path: Path, resolution: int, n: int):
 def compile_(
     output: Path = typer.Option(Path("pipelines/cascade_pipeline.yaml"), "--output", "-o", help="Where to write the compiled pipeline YAML."),
 ) -> None:
-    """Compile the Kubeflow pipeline to YAML (upload it in the Kubeflow Pipelines UI)."""
+    """Compile the Kubeflow pipeline to YAML (upload it in the Kubeflow Pipelines UI).
+
+    Placement (images, node pools, accelerators) is the profile's `kubeflow:` section: pass
+    --profile base256 to compile for that profile's cluster layout."""
     from pipelines.kfp_pipeline import compile_pipeline
 
-    compile_pipeline(output, params_path=_state["params"])
+    compile_pipeline(output, params_path=_state["params"], profile=_state["profile"])
     typer.echo(f"wrote {output}")
+
+
+@app.command()
+@user_errors
+def submit(
+    host: str = typer.Option(..., "--host", help="Kubeflow Pipelines endpoint, e.g. http://localhost:8080 after `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8080:80`."),
+    param: list[str] = typer.Option([], "--param", help="Pipeline parameter KEY=VALUE: data_source, model_name, max_fid, min_clip_score, min_checker_single, promotion_margin. Repeatable."),
+    experiment: str = typer.Option("cascade", "--experiment", help="Kubeflow Pipelines experiment to file the run under."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run name (default: KFP's)."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", help="Kubeflow namespace (default: params kubeflow.namespace)."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="KFP_TOKEN", help="Bearer token for an authenticated endpoint (or $KFP_TOKEN)."),
+) -> None:
+    """Compile the pipeline for the profile and start a run on a Kubeflow Pipelines cluster."""
+    from pipelines.submit import submit as do_submit
+
+    run = do_submit(host, _state["params"], _state["profile"], param, experiment, run_name, namespace, token)
+    typer.echo(f"submitted run {run.run_id} ({', '.join(f'{k}={v}' for k, v in run.arguments.items())})")
+    typer.echo(f"  {run.url}")
 
 
 @app.command(name="run")
@@ -429,9 +455,10 @@ def run_pipeline(
     pipeline_root: Path = typer.Option(Path("artifacts/kfp"), help="Where kfp.local writes task outputs."),
     data_source: str = typer.Option("", help="Override data.source (path or fsspec URL)."),
 ) -> None:
-    """Run the KFP pipeline. Only --local is supported here; use `cascade compile` for a cluster."""
+    """Run the KFP pipeline on this machine (--local); for a cluster use `cascade submit --host URL`."""
     if not local:
-        raise StageError("only `cascade run --local` runs here; for a cluster upload `cascade compile` output in the Kubeflow UI")
+        raise StageError("`cascade run` needs --local; for a cluster use `cascade submit --host URL` "
+                         "(or upload `cascade compile` output in the Kubeflow UI)")
     from pipelines.local import run_local
 
     cfg = _config()

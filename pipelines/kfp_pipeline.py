@@ -1,9 +1,10 @@
 """The Kubeflow pipeline: the same stage `run()`s as `dvc repro`, as KFP components with typed artifacts.
 
-Components are lightweight Python components whose base image is the project image (infra/), so
+Components are lightweight Python components run in the project images (infra/Dockerfile), so
 nothing is pip-installed per pod; each body is one call into `pipelines.kfp_tasks`. The whole
 params.yaml travels as a pipeline parameter (its text at compile time is the default), so a run is
-fully described by its compiled YAML plus the few knobs a user sets in the Kubeflow UI.
+fully described by its compiled YAML plus the few knobs a user sets in the Kubeflow UI. Placement
+(images, node pools, accelerators, PVC, retries) is the compiled profile's `kubeflow:` section.
 """
 
 
@@ -15,7 +16,9 @@ import yaml
 from kfp import compiler, dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-# Built from infra/Dockerfile; holds this package and its pinned dependencies.
+from pipelines.placement import check_placement, place_service_task, place_task
+
+# The decorators' default; every task's image is then set from params (kubeflow.images).
 IMAGE = "ghcr.io/cascade-t2i/cascade:0.1.0"
 PIPELINE_NAME = "cascade"
 DEFAULT_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
@@ -131,15 +134,18 @@ def evaluate(params: str, profile: str, parent_run_id: str, dataset: Input[Datas
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(params: str, profile: str, parent_run_id: str, model_name: str, validated: Input[Dataset],
+def register(params: str, profile: str, parent_run_id: str, model_name: str, max_fid: str, min_clip_score: str,
+             min_checker_single: str, promotion_margin: str, validated: Input[Dataset],
              tokenizers: Input[Model], base_model: Input[Model], superres_model: Input[Model],
              decoder: Input[Model], evaluation: Input[Dataset], registration: Output[Markdown],
              metrics: Output[Metrics]):
     """Stage `register`: the cascade as one MLflow pyfunc model; alias champion only if the gates pass."""
     from pipelines.kfp_tasks import register_task
 
+    gates = dict(max_fid=max_fid, min_clip_score=min_clip_score, min_checker_single=min_checker_single,
+                 margin=promotion_margin)
     register_task(params, profile, parent_run_id, model_name, validated, tokenizers, base_model, superres_model,
-                  decoder, evaluation, registration, metrics)
+                  decoder, evaluation, registration, metrics, gates)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -150,44 +156,58 @@ def finish_pipeline(params: str, profile: str, pipeline_job_id: str, status: dsl
     finish_pipeline_task(params, profile, pipeline_job_id, status.state, status.error_message)
 
 
-def build_pipeline(params_text: str):
-    """The pipeline function, with `params_text` (a params.yaml) as the default of `params`."""
+def build_pipeline(params_text: str, profile: str | None = None, cluster: bool = True):
+    """The pipeline function, with `params_text` (a params.yaml) as the default of `params` and
+    the placement of `profile` (default: the params' own `profile:`). `cluster=False` leaves the
+    placement out (kfp.local would apply its environment: the in-cluster MLflow URI, the claim's
+    mount path)."""
+    from components.config import load_config
+
+    cfg = load_config(text=params_text, profile=profile)
+    check_placement(cfg)
+    kf = cfg.kubeflow
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Cascaded text-to-image training: data -> validate -> features -> evaluator, tokenizer -> tokens -> base -> superres -> decoder_ft -> evaluate -> register.")
     def cascade_pipeline(
-        profile: str = "tiny",
+        profile: str = cfg.profile,
         data_source: str = "",
         model_name: str = "",
+        # Promotion gates; "" keeps the profile's value from params (register.gates), "none" turns
+        # the checker gate off. Strings, because a float parameter cannot say "the profile's".
+        max_fid: str = "",
+        min_clip_score: str = "",
+        min_checker_single: str = "",
+        promotion_margin: str = "",
         params: str = params_text,
     ):
         # The exit task may not depend on other tasks, so the parent run is found by the job id.
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         finish = finish_pipeline(params=params, profile=profile, pipeline_job_id=job_id)
+        if cluster:
+            place_service_task(finish, kf)
         with dsl.ExitHandler(finish):
             start = start_pipeline(params=params, profile=profile, pipeline_job_id=job_id)
             start.set_caching_options(False)  # a new parent run per pipeline run
-            data_step = data(params=params, profile=profile, data_source=data_source, parent_run_id=start.output)
-            validate_step = validate(params=params, profile=profile, parent_run_id=start.output,
-                                     dataset=data_step.outputs["dataset"])
-            features_step = features(params=params, profile=profile, parent_run_id=start.output,
-                                     validated=validate_step.outputs["validated"])
-            tokenizer_step = tokenizer(params=params, profile=profile, parent_run_id=start.output,
-                                       dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"])
-            tokens_step = tokens(params=params, profile=profile, parent_run_id=start.output,
-                                 dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"],
+            if cluster:
+                place_service_task(start, kf)
+            common = dict(params=params, profile=profile, parent_run_id=start.output)
+            data_step = data(data_source=data_source, **common)
+            validate_step = validate(dataset=data_step.outputs["dataset"], **common)
+            features_step = features(validated=validate_step.outputs["validated"], **common)
+            tokenizer_step = tokenizer(dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"],
+                                       **common)
+            tokens_step = tokens(dataset=data_step.outputs["dataset"], validated=validate_step.outputs["validated"],
                                  text_features=features_step.outputs["text_features"],
-                                 tokenizers=tokenizer_step.outputs["tokenizers"])
+                                 tokenizers=tokenizer_step.outputs["tokenizers"], **common)
             trained = dict(validated=validate_step.outputs["validated"],
                            text_features=features_step.outputs["text_features"],
                            tokenizers=tokenizer_step.outputs["tokenizers"],
                            image_tokens=tokens_step.outputs["image_tokens"])
-            evaluator_step = evaluator(params=params, profile=profile, parent_run_id=start.output,
-                                       dataset=data_step.outputs["dataset"],
+            evaluator_step = evaluator(dataset=data_step.outputs["dataset"],
                                        validated=validate_step.outputs["validated"],
-                                       text_features=features_step.outputs["text_features"])
-            base_step = base(params=params, profile=profile, parent_run_id=start.output, **trained)
-            superres_step = superres(params=params, profile=profile, parent_run_id=start.output,
-                                     base_model=base_step.outputs["base_model"], **trained)
+                                       text_features=features_step.outputs["text_features"], **common)
+            base_step = base(**trained, **common)
+            superres_step = superres(base_model=base_step.outputs["base_model"], **trained, **common)
             cascade_parts = dict(validated=validate_step.outputs["validated"],
                                  text_features=features_step.outputs["text_features"],
                                  tokenizers=tokenizer_step.outputs["tokenizers"],
@@ -195,18 +215,23 @@ def build_pipeline(params_text: str):
                                  superres_model=superres_step.outputs["superres_model"],
                                  evaluator_model=evaluator_step.outputs["evaluator_model"],
                                  dataset=data_step.outputs["dataset"])
-            decoder_step = decoder_ft(params=params, profile=profile, parent_run_id=start.output,
-                                      image_tokens=tokens_step.outputs["image_tokens"], **cascade_parts)
-            evaluate_step = evaluate(params=params, profile=profile, parent_run_id=start.output,
-                                     decoder=decoder_step.outputs["decoder"], **cascade_parts)
-            register_step = register(params=params, profile=profile, parent_run_id=start.output,
-                                     model_name=model_name, validated=validate_step.outputs["validated"],
+            decoder_step = decoder_ft(image_tokens=tokens_step.outputs["image_tokens"], **cascade_parts, **common)
+            evaluate_step = evaluate(decoder=decoder_step.outputs["decoder"], **cascade_parts, **common)
+            register_step = register(model_name=model_name, max_fid=max_fid, min_clip_score=min_clip_score,
+                                     min_checker_single=min_checker_single, promotion_margin=promotion_margin,
+                                     validated=validate_step.outputs["validated"],
                                      tokenizers=tokenizer_step.outputs["tokenizers"],
                                      base_model=base_step.outputs["base_model"],
                                      superres_model=superres_step.outputs["superres_model"],
                                      decoder=decoder_step.outputs["decoder"],
-                                     evaluation=evaluate_step.outputs["evaluation"])
+                                     evaluation=evaluate_step.outputs["evaluation"], **common)
             register_step.set_caching_options(False)  # every run registers (and gates) a version
+            steps = dict(data=data_step, validate=validate_step, features=features_step, evaluator=evaluator_step,
+                         tokenizer=tokenizer_step, tokens=tokens_step, base=base_step, superres=superres_step,
+                         decoder_ft=decoder_step, evaluate=evaluate_step, register=register_step)
+            for stage, task in steps.items():
+                if cluster:
+                    place_task(task, stage, kf)
 
     return cascade_pipeline
 
@@ -218,9 +243,10 @@ def params_default(params_path=None) -> str:
     return json.dumps(tree, separators=(",", ":"))
 
 
-def compile_pipeline(output, params_path=None) -> Path:
+def compile_pipeline(output, params_path=None, profile: str | None = None) -> Path:
+    """Write the pipeline YAML for `profile`'s placement (default: params.yaml's `profile:`)."""
     params_text = params_default(params_path)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(params_text), str(output))
+    compiler.Compiler().compile(build_pipeline(params_text, profile), str(output))
     return output

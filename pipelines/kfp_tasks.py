@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+
+from components.errors import StageError
 
 
 def _config(params: str, profile: str, overrides: dict | None = None):
@@ -77,20 +81,35 @@ def features_task(params, profile, parent_run_id, validated, text_features, metr
     _log_metrics(metrics, result.metrics)
 
 
-def _checkpoint_root(stage: str) -> Path:
-    # Layout honours $CASCADE_CHECKPOINT_DIR (a PVC on a cluster, so a retried task resumes);
-    # without it the pod has nothing to resume from, so a scratch directory will do.
-    from components.stage import Layout
+def _checkpoint_root(stage: str, parent_run_id: str) -> Path:
+    """On a cluster the pipeline mounts the checkpoint claim at $CASCADE_CHECKPOINT_DIR: one folder
+    per pipeline run and stage, so a retried task resumes; elsewhere a scratch folder will do."""
+    root = os.environ.get("CASCADE_CHECKPOINT_DIR")
+    if root:
+        return Path(root) / (parent_run_id or "no-parent-run") / stage
+    return Path(tempfile.mkdtemp(prefix="cascade-ckpt-")) / stage
 
-    return Layout(root=Path(tempfile.mkdtemp(prefix="cascade-ckpt-"))).checkpoints(stage)
+
+def _on_trainjob(cfg, params: str, stage: str, parent_run_id: str, inputs: dict, output, metrics):
+    """None when the stage runs in this pod; with `nodes > 1` it runs as a Kubeflow TrainJob and
+    this returns that job's result."""
+    if getattr(cfg.kubeflow.stages, stage).nodes == 1:
+        return None
+    from pipelines.trainjob import run_remote_stage
+
+    return SimpleNamespace(metrics=run_remote_stage(cfg, params, stage, parent_run_id,
+                                                    {k: Path(v.path) for k, v in inputs.items()},
+                                                    Path(output.path), _metrics_file(metrics)))
 
 
 def tokenizer_task(params, profile, parent_run_id, dataset, validated, tokenizers, metrics) -> None:
     from components import tokenizer
 
     cfg = _config(params, profile)
-    result = tokenizer.execute(cfg, Path(dataset.path), Path(validated.path), Path(tokenizers.path),
-                               _checkpoint_root("tokenizer"), _metrics_file(metrics), parent_run_id)
+    result = _on_trainjob(cfg, params, "tokenizer", parent_run_id, {"data": dataset, "validate": validated},
+                          tokenizers, metrics) or \
+        tokenizer.execute(cfg, Path(dataset.path), Path(validated.path), Path(tokenizers.path),
+                          _checkpoint_root("tokenizer", parent_run_id), _metrics_file(metrics), parent_run_id)
     tokenizers.metadata.update({"kind": cfg.tokenizer.kind, **{k: v for k, v in result.metrics.items() if "psnr" in k}})
     _log_metrics(metrics, result.metrics)
 
@@ -110,9 +129,11 @@ def base_task(params, profile, parent_run_id, validated, text_features, tokenize
     from components import base
 
     cfg = _config(params, profile)
-    result = base.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
-                          Path(validated.path), Path(base_model.path), _checkpoint_root("base"),
-                          _metrics_file(metrics), parent_run_id)
+    inputs = {"tokens": image_tokens, "features": text_features, "tokenizer": tokenizers, "validate": validated}
+    result = _on_trainjob(cfg, params, "base", parent_run_id, inputs, base_model, metrics) or \
+        base.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
+                     Path(validated.path), Path(base_model.path), _checkpoint_root("base", parent_run_id),
+                     _metrics_file(metrics), parent_run_id)
     _describe_generator(base_model, samples, result)
     _log_metrics(metrics, result.metrics)
 
@@ -122,9 +143,12 @@ def superres_task(params, profile, parent_run_id, validated, text_features, toke
     from components import superres
 
     cfg = _config(params, profile)
-    result = superres.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
-                              Path(validated.path), Path(base_model.path), Path(superres_model.path),
-                              _checkpoint_root("superres"), _metrics_file(metrics), parent_run_id)
+    inputs = {"tokens": image_tokens, "features": text_features, "tokenizer": tokenizers, "validate": validated,
+              "base": base_model}
+    result = _on_trainjob(cfg, params, "superres", parent_run_id, inputs, superres_model, metrics) or \
+        superres.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
+                         Path(validated.path), Path(base_model.path), Path(superres_model.path),
+                         _checkpoint_root("superres", parent_run_id), _metrics_file(metrics), parent_run_id)
     _describe_generator(superres_model, samples, result)
     _log_metrics(metrics, result.metrics)
 
@@ -134,9 +158,11 @@ def evaluator_task(params, profile, parent_run_id, dataset, validated, text_feat
     from components import evaluator
 
     cfg = _config(params, profile)
-    result = evaluator.execute(cfg, Path(dataset.path), Path(validated.path), Path(text_features.path),
-                               Path(evaluator_model.path), _checkpoint_root("evaluator"), _metrics_file(metrics),
-                               parent_run_id)
+    inputs = {"data": dataset, "validate": validated, "features": text_features}
+    result = _on_trainjob(cfg, params, "evaluator", parent_run_id, inputs, evaluator_model, metrics) or \
+        evaluator.execute(cfg, Path(dataset.path), Path(validated.path), Path(text_features.path),
+                          Path(evaluator_model.path), _checkpoint_root("evaluator", parent_run_id),
+                          _metrics_file(metrics), parent_run_id)
     evaluator_model.metadata.update({k: v for k, v in result.metrics.items() if k.startswith("retrieval")})
     _log_metrics(metrics, result.metrics)
 
@@ -147,11 +173,14 @@ def decoder_ft_task(params, profile, parent_run_id, dataset, validated, text_fea
     from components.scoring import fid_features
 
     cfg = _config(params, profile)
-    result = decoder_ft.execute(cfg, Path(dataset.path), Path(validated.path), Path(image_tokens.path),
-                                Path(tokenizers.path), Path(base_model.path), Path(superres_model.path),
-                                Path(decoder.path), _checkpoint_root("decoder_ft"), _metrics_file(metrics),
-                                parent_run_id, feature_module=fid_features(cfg.evaluate, Path(evaluator_model.path),
-                                                                           Path(text_features.path)))
+    inputs = {"data": dataset, "validate": validated, "tokens": image_tokens, "tokenizer": tokenizers,
+              "base": base_model, "superres": superres_model, "evaluator": evaluator_model, "features": text_features}
+    result = _on_trainjob(cfg, params, "decoder_ft", parent_run_id, inputs, decoder, metrics) or \
+        decoder_ft.execute(cfg, Path(dataset.path), Path(validated.path), Path(image_tokens.path),
+                           Path(tokenizers.path), Path(base_model.path), Path(superres_model.path),
+                           Path(decoder.path), _checkpoint_root("decoder_ft", parent_run_id), _metrics_file(metrics),
+                           parent_run_id, feature_module=fid_features(cfg.evaluate, Path(evaluator_model.path),
+                                                                      Path(text_features.path)))
     decoder.metadata.update({k: v for k, v in result.metrics.items() if k.startswith(("psnr", "fid"))})
     page = Path(decoder.path) / "report.md"
     Path(report.path).write_text(page.read_text() if page.is_file() else "No decoder report.\n")
@@ -174,12 +203,35 @@ def evaluate_task(params, profile, parent_run_id, dataset, validated, text_featu
     _log_metrics(metrics, result.metrics)
 
 
+def gate_overrides(gates: dict[str, str] | None) -> dict:
+    """The Kubeflow UI's gate parameters as config overrides: "" keeps the profile's value, "none"
+    turns the checker gate off; anything else must be a number."""
+    overrides = {}
+    for name, text in (gates or {}).items():
+        text = (text or "").strip()
+        if not text:
+            continue
+        if text.lower() in ("none", "null", "off") and name == "min_checker_single":
+            overrides[f"register.gates.{name}"] = None
+            continue
+        try:
+            overrides[f"register.gates.{name}"] = float(text)
+        except ValueError:
+            raise StageError(f"pipeline parameter {name}={text!r}: expected a number"
+                             + (' or "none"' if name == "min_checker_single" else "")
+                             + ", or empty for the profile's value") from None
+    return overrides
+
+
 def register_task(params, profile, parent_run_id, model_name, validated, tokenizers, base_model, superres_model,
-                  decoder, evaluation, registration, metrics) -> None:
+                  decoder, evaluation, registration, metrics, gates: dict[str, str] | None = None) -> None:
     from components import register
     from components.io import frame_digest, read_accepted
 
-    cfg = _config(params, profile, {"register.model_name": model_name} if model_name else None)
+    overrides = gate_overrides(gates)
+    if model_name:
+        overrides["register.model_name"] = model_name
+    cfg = _config(params, profile, overrides)
     out = Path(tempfile.mkdtemp(prefix="cascade-register-"))
     result = register.execute(cfg, Path(tokenizers.path), Path(base_model.path), Path(superres_model.path),
                               Path(decoder.path), Path(evaluation.path), out, _metrics_file(metrics),

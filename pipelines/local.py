@@ -9,8 +9,9 @@ from components.errors import StageError
 
 
 def run_local(pipeline_root: str | Path, profile: str, params_path: str | Path | None = None,
-              data_source: str = "") -> dict[str, Path]:
-    """Run the pipeline locally; returns {"task/output": path} for the artifacts of this run."""
+              data_source: str = "", arguments: dict[str, str] | None = None) -> dict[str, Path]:
+    """Run the pipeline locally; returns {"task/output": path} for the artifacts of this run.
+    `arguments` sets other pipeline parameters (model_name, the gates), as the Kubeflow UI would."""
     from kfp import local
 
     from pipelines.kfp_pipeline import build_pipeline, params_default
@@ -20,12 +21,12 @@ def run_local(pipeline_root: str | Path, profile: str, params_path: str | Path |
     before = set(pipeline_root.iterdir())
     # use_venv=False: tasks run with this interpreter and its installed packages, as the image does.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    pipeline = build_pipeline(params_default(params_path))
+    pipeline = build_pipeline(params_default(params_path), cluster=False)
     with warnings.catch_warnings():
         # kfp warns that our base image name has no "python" in it; locally the image is not used.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         try:
-            pipeline(profile=profile, data_source=data_source)
+            pipeline(profile=profile, data_source=data_source, **(arguments or {}))
         except RuntimeError as err:
             raise StageError(f"local pipeline run failed: {str(err).splitlines()[0]} (task logs above)") from None
     new_runs = sorted(set(pipeline_root.iterdir()) - before)

@@ -8,7 +8,7 @@ import pytest
 from components import tracking
 from components.config import load_config
 from components.errors import StageError
-from components.stage import Layout, TrackedInput, tracked
+from components.stage import Layout, TrackedInput, is_rank_zero, tracked
 from tests.conftest import REPO
 
 
@@ -60,6 +60,24 @@ def test_a_stage_error_marks_the_run_failed_with_its_reason(tmp_path, mlflow_uri
     assert run.info.status == "FAILED"
     assert run.data.tags["cascade.failure"] == "validate: 50% quarantined"
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("env, zero", [({}, True), ({"RANK": "0"}, True), ({"RANK": "3"}, False),
+                                       ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False)])
+def test_rank_zero_is_told_apart_from_the_other_distributed_ranks(monkeypatch, env, zero):
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert is_rank_zero() is zero
+
+
+def test_only_rank_zero_records_a_stage(tmp_path, mlflow_uri, cfg, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    result = tracked("data", cfg, lambda: _Result({"n_items": 2}), tmp_path / "m.json")
+    assert result.metrics == {"n_items": 2}
+    assert not (tmp_path / "m.json").exists()
+    assert mlflow.MlflowClient().get_experiment_by_name("cascade") is None or not _runs()
 
 
 def test_non_finite_metrics_are_refused(tmp_path, mlflow_uri, cfg):

@@ -73,6 +73,16 @@ def test_repro_runs_every_stage_skips_unchanged_reruns_downstream_and_round_trip
     assert "Running stage" not in second.stdout
     assert "didn't change, skipping" in second.stdout or "up to date" in second.stdout
 
+    # editing another profile's overlay (here base256's cluster placement) re-runs nothing
+    params = root / "params.yaml"
+    text = params.read_text()
+    base256_overlay = text.index("  base256:\n")
+    edited = text[:base256_overlay] + text[base256_overlay:].replace('memory: 1000Gi', 'memory: 900Gi', 1)
+    assert edited != text
+    params.write_text(edited)
+    status = _sh([str(BIN / "dvc"), "status"], root, env)
+    assert "up to date" in status.stdout, status.stdout
+
     before = _outputs(root)
     _sh([str(BIN / "dvc"), "push"], root, env)
     shutil.rmtree(root / "artifacts")
@@ -82,7 +92,6 @@ def test_repro_runs_every_stage_skips_unchanged_reruns_downstream_and_round_trip
 
     # a validate param change re-runs validate, never data; the accepted set is unchanged (no
     # smoke caption is that long), so features, which depends only on accepted.parquet, is skipped
-    params = root / "params.yaml"
     params.write_text(params.read_text().replace("caption_max_chars: 512", "caption_max_chars: 500"))
     third = _sh([str(BIN / "cascade"), "repro"], root, env)
     assert "Running stage 'data'" not in third.stdout

@@ -25,7 +25,7 @@ def test_checked_in_pipeline_yaml_is_up_to_date(tmp_path):
 
 
 def test_compiled_pipeline_has_the_stages_and_ui_parameters(tmp_path):
-    spec = yaml.safe_load(compile_pipeline(tmp_path / "p.yaml").read_text())
+    spec, platform = yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert "exit-handler-1" in tasks and tasks["finish-pipeline"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
@@ -35,13 +35,17 @@ def test_compiled_pipeline_has_the_stages_and_ui_parameters(tmp_path):
     assert set(inner["evaluate"]["dependentTasks"]) >= {"decoder-ft", "evaluator", "superres"}
     assert set(inner["register"]["dependentTasks"]) >= {"evaluate", "decoder-ft"}
     assert inner["register"]["cachingOptions"] == {}  # never cached: every run registers a version
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"profile", "data_source", "model_name", "params"}
+    ui = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(ui) == {"profile", "data_source", "model_name", "params", "max_fid", "min_clip_score",
+                       "min_checker_single", "promotion_margin"}
+    assert ui["profile"]["defaultValue"] == "tiny" and ui["max_fid"]["defaultValue"] == ""
     # the evaluation report reaches the KFP UI as HTML and Markdown visualizations
     outputs = spec["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
     assert outputs["summary"]["artifactType"]["schemaTitle"] == "system.Markdown"
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
-    assert images == {"ghcr.io/cascade-t2i/cascade:0.1.0"}
+    assert images == {"ghcr.io/cascade-t2i/cascade:0.1.0", "ghcr.io/cascade-t2i/cascade:0.1.0-cuda"}
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == set(spec["deploymentSpec"]["executors"])
     # no per-pod pip install: components run from the project image
     assert not any("pip install" in " ".join(e["container"].get("command", []))
                    for e in spec["deploymentSpec"]["executors"].values())
@@ -50,7 +54,8 @@ def test_compiled_pipeline_has_the_stages_and_ui_parameters(tmp_path):
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_under_kfp_local_with_nested_mlflow_runs(tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    outputs = run_local(tmp_path / "kfp", profile="smoke", params_path=_smoke_params(tmp_path))
+    outputs = run_local(tmp_path / "kfp", profile="smoke", params_path=_smoke_params(tmp_path),
+                        arguments={"max_fid": "123456"})  # a gate set in the UI
 
     assert (outputs["data/dataset"] / "manifest.parquet").is_file()
     assert (outputs["validate/validated"] / "accepted.parquet").is_file()
@@ -66,7 +71,9 @@ def test_pipeline_runs_end_to_end_under_kfp_local_with_nested_mlflow_runs(tmp_pa
     assert (outputs["decoder-ft/decoder"] / "tokenizer.safetensors").is_file()
     assert "data:image/png;base64," in outputs["evaluate/report"].read_text()
     assert "| guidance | FID | CLIP score |" in outputs["evaluate/summary"].read_text()
-    assert "Registered cascade-smoke version 1" in outputs["register/registration"].read_text()
+    registration = outputs["register/registration"].read_text()
+    assert "Registered cascade-smoke version 1" in registration
+    assert "max_fid 1.235e+05" in registration  # the UI's gate, not the profile's 1e6
 
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
