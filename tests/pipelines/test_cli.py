@@ -17,7 +17,8 @@ from pipelines.cli import app
 from tests.conftest import REPO
 
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "compile", "run", "promote")
+COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "compile", "submit", "run",
+            "promote")
 
 
 def invoke(*args) -> "object":
@@ -166,12 +167,18 @@ def test_compile_writes_the_pipeline_yaml(tmp_path: Path):
     result = invoke("--params", PARAMS, "compile", "-o", out)
     assert result.exit_code == 0, result.output
     assert str(out) in result.stdout
-    spec = yaml.safe_load(out.read_text())
+    spec, platform = yaml.safe_load_all(out.read_text())  # the pipeline, then its Kubernetes placement
     components = set(spec["components"])
     for stage in ("data", "validate", "features"):
         assert f"comp-{stage}" in components, components
     tasks = set(spec["root"]["dag"]["tasks"])
     assert tasks  # the DAG has tasks (the three stages run inside the exit handler's sub-DAG)
+    assert "nodeSelector" in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-data"]
+
+    smoke = tmp_path / "smoke.yaml"
+    assert invoke("--params", PARAMS, "--profile", "smoke", "compile", "-o", smoke).exit_code == 0
+    images = {e["container"]["image"] for e in next(yaml.safe_load_all(smoke.read_text()))["deploymentSpec"]["executors"].values()}
+    assert images == {"ghcr.io/cascade-t2i/cascade:0.1.0"}  # --profile picks smoke's all-CPU placement
     assert "params" in spec["root"]["inputDefinitions"]["parameters"]
 
 
