@@ -325,6 +325,9 @@ class TrainerConfig:
     """Kubeflow Trainer (v2) TrainJobs for stages with nodes > 1."""
 
     runtime: str  # a ClusterTrainingRuntime, e.g. torch-distributed
+    # How the TrainJob sets node selector, tolerations, service account and the claim: Trainer
+    # v2.2+ takes `runtimePatches`; v2.1 took `podTemplateOverrides`.
+    pod_patch: Literal["runtime_patches", "pod_template_overrides"]
     poll_seconds: int
     timeout_hours: float
 

@@ -25,6 +25,7 @@ from components.stage import Layout
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 NODE_JOB = "node"  # the torch-distributed runtime's replicated job (and container) name
+PATCH_MANAGER = "cascade.pipelines/trainjob"  # owner of our runtimePatches entry
 
 # What each training stage reads, as Layout stage folders (the same as `cascade stage` reads).
 STAGE_INPUTS = {
@@ -80,19 +81,27 @@ def render_trainjob(cfg: CascadeConfig, stage: str, parent_run_id: str) -> dict:
                 "resourcesPerNode": {"requests": resources, "limits": resources},
                 "env": [{"name": k, "value": v} for k, v in env.items()],
             },
-            "podTemplateOverrides": [{
-                "targetJobs": [{"name": NODE_JOB}],
-                "spec": {
-                    "serviceAccountName": kf.service_account,
-                    "nodeSelector": dict(pool.node_selector),
-                    "tolerations": tolerations,
-                    "volumes": [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": kf.checkpoints.pvc}}],
-                    "containers": [{"name": NODE_JOB, "volumeMounts": [
-                        {"name": "checkpoints", "mountPath": kf.checkpoints.mount_path}]}],
-                },
-            }],
+            **node_pod_patch(kf.trainer.pod_patch, {
+                "serviceAccountName": kf.service_account,
+                "nodeSelector": dict(pool.node_selector),
+                "tolerations": tolerations,
+                "volumes": [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": kf.checkpoints.pvc}}],
+                "containers": [{"name": NODE_JOB, "volumeMounts": [
+                    {"name": "checkpoints", "mountPath": kf.checkpoints.mount_path}]}],
+            }),
         },
     }
+
+
+def node_pod_patch(api: str, pod_spec: dict) -> dict:
+    """`pod_spec` applied to the runtime's `node` pods, in the shape the installed Trainer takes."""
+    if api == "pod_template_overrides":  # Trainer v2.1
+        return {"podTemplateOverrides": [{"targetJobs": [{"name": NODE_JOB}], "spec": pod_spec}]}
+    pod_template = {"template": {"spec": {"template": {"spec": pod_spec}}}}  # Job -> Pod template
+    return {"runtimePatches": [{
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [{"name": NODE_JOB, **pod_template}]}}},
+    }]}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def test_the_trainjob_spec_is_rendered_from_params(cfg):
     spec = render_trainjob(cfg, "base", RUN_ID)
     assert spec["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and spec["kind"] == "TrainJob"
     assert spec["metadata"]["namespace"] == cfg.kubeflow.namespace
-    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", spec["metadata"]["name"])
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", spec["metadata"]["name"])  # RFC 1035, as Trainer checks
     assert spec["spec"]["runtimeRef"]["name"] == "torch-distributed"
     trainer = spec["spec"]["trainer"]
     assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8  # params: 4 nodes x 8 GPUs
@@ -40,14 +40,29 @@ def test_the_trainjob_spec_is_rendered_from_params(cfg):
     assert env[tracking.PARENT_RUN_ENV] == RUN_ID  # the nodes' stage run nests under the pipeline run
     assert env["CASCADE_CHECKPOINT_DIR"] == f"/mnt/cascade/{RUN_ID}"  # checkpoints beside the work folder
     assert env["MLFLOW_TRACKING_URI"] == cfg.kubeflow.mlflow_tracking_uri
-    override = spec["spec"]["podTemplateOverrides"][0]
-    assert override["targetJobs"] == [{"name": "node"}]
-    pod = override["spec"]
+    patch = spec["spec"]["runtimePatches"][0]  # Trainer v2.2+ (params kubeflow.trainer.pod_patch)
+    assert patch["manager"] and "podTemplateOverrides" not in spec["spec"]
+    node_job = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert node_job["name"] == "node"
+    pod = node_job["template"]["spec"]["template"]["spec"]  # Job spec -> Pod template -> Pod spec
     assert pod["serviceAccountName"] == "cascade-pipeline"
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "cascade-checkpoints"
     assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/mnt/cascade"
+
+
+def test_trainer_v2_1_gets_the_same_pod_settings_as_pod_template_overrides(cfg):
+    from dataclasses import replace
+
+    v21 = replace(cfg, kubeflow=replace(cfg.kubeflow, trainer=replace(cfg.kubeflow.trainer,
+                                                                     pod_patch="pod_template_overrides")))
+    old, new = render_trainjob(v21, "base", RUN_ID)["spec"], render_trainjob(cfg, "base", RUN_ID)["spec"]
+    assert "runtimePatches" not in old
+    override = old["podTemplateOverrides"][0]
+    assert override["targetJobs"] == [{"name": "node"}]
+    new_pod = new["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert override["spec"] == new_pod["template"]["spec"]["template"]["spec"]
 
 
 def test_the_trainjob_command_is_a_valid_cascade_invocation(cfg, tmp_path):
