@@ -38,6 +38,9 @@ def counter(progress: Progress) -> Callable[[int], None]:
     return add
 
 
+CHECKPOINT_DIR_ENV = "CASCADE_CHECKPOINT_DIR"  # where training checkpoints go (a PVC on a cluster)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the DVC pipeline keeps each stage's outputs, relative to the repo root."""
@@ -57,7 +60,7 @@ class Layout:
     def checkpoints(self, stage: str) -> Path:
         """Training checkpoints: outside DVC's outs (DVC clears those before a run), so a killed
         run resumes. $CASCADE_CHECKPOINT_DIR moves them (e.g. onto a PVC)."""
-        root = os.environ.get("CASCADE_CHECKPOINT_DIR")
+        root = os.environ.get(CHECKPOINT_DIR_ENV)
         return (Path(root) if root else self.root / "checkpoints") / stage
 
 

@@ -57,18 +57,14 @@ def code_digest(*modules) -> str:
 
 def prepare_checkpoints(ckpt_dir: Path, fingerprint: str) -> Path | None:
     """The checkpoint to resume from, or None; wipes checkpoints made under another fingerprint."""
-    marker = ckpt_dir / "fingerprint.json"
+    marker, last = ckpt_dir / "fingerprint.json", ckpt_dir / "last.ckpt"
+    old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
     if not is_rank_zero():  # rank 0 owns the folder; the others only read what it decided
-        old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-        last = ckpt_dir / "last.ckpt"
         return last if old == fingerprint and last.is_file() else None
-    if ckpt_dir.exists():
-        old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
-        if old != fingerprint:
-            shutil.rmtree(ckpt_dir)  # another spec, config or dataset: resuming it would be wrong
+    if ckpt_dir.exists() and old != fingerprint:
+        shutil.rmtree(ckpt_dir)  # another spec, config or dataset: resuming it would be wrong
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"fingerprint": fingerprint})
-    last = ckpt_dir / "last.ckpt"
     return last if last.is_file() else None
 
 

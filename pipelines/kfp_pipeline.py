@@ -226,11 +226,12 @@ def build_pipeline(params_text: str, profile: str | None = None, cluster: bool =
                                      decoder=decoder_step.outputs["decoder"],
                                      evaluation=evaluate_step.outputs["evaluation"], **common)
             register_step.set_caching_options(False)  # every run registers (and gates) a version
-            steps = dict(data=data_step, validate=validate_step, features=features_step, evaluator=evaluator_step,
-                         tokenizer=tokenizer_step, tokens=tokens_step, base=base_step, superres=superres_step,
-                         decoder_ft=decoder_step, evaluate=evaluate_step, register=register_step)
-            for stage, task in steps.items():
-                if cluster:
+            if cluster:
+                steps = dict(data=data_step, validate=validate_step, features=features_step,
+                             evaluator=evaluator_step, tokenizer=tokenizer_step, tokens=tokens_step, base=base_step,
+                             superres=superres_step, decoder_ft=decoder_step, evaluate=evaluate_step,
+                             register=register_step)
+                for stage, task in steps.items():
                     place_task(task, stage, kf)
 
     return cascade_pipeline

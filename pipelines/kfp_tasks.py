@@ -84,7 +84,9 @@ def features_task(params, profile, parent_run_id, validated, text_features, metr
 def _checkpoint_root(stage: str, parent_run_id: str) -> Path:
     """On a cluster the pipeline mounts the checkpoint claim at $CASCADE_CHECKPOINT_DIR: one folder
     per pipeline run and stage, so a retried task resumes; elsewhere a scratch folder will do."""
-    root = os.environ.get("CASCADE_CHECKPOINT_DIR")
+    from components.stage import CHECKPOINT_DIR_ENV
+
+    root = os.environ.get(CHECKPOINT_DIR_ENV)
     if root:
         return Path(root) / (parent_run_id or "no-parent-run") / stage
     return Path(tempfile.mkdtemp(prefix="cascade-ckpt-")) / stage

@@ -10,10 +10,10 @@ from __future__ import annotations
 from kfp import kubernetes
 
 from components.config import CascadeConfig, ConfigError, KubeflowConfig, StagePlacement
+from components.stage import CHECKPOINT_DIR_ENV
 
 # Stages that train with Lightning: they checkpoint, can resume, and may span nodes (TrainJob).
 TRAINING_STAGES = ("evaluator", "tokenizer", "base", "superres", "decoder_ft")
-CHECKPOINT_ENV = "CASCADE_CHECKPOINT_DIR"  # components.stage.Layout.checkpoints honours it
 # What the launcher of a multi-node stage asks for: it only stages files and watches the TrainJob.
 LAUNCHER = StagePlacement(pool="cpu", cpu="2", memory="8Gi", accelerators=0, nodes=1)
 
@@ -62,7 +62,7 @@ def place_task(task, stage: str, kf: KubeflowConfig) -> None:
         # Checkpoints (and a TrainJob's staged inputs/outputs) live on the shared claim, so a
         # retried task resumes instead of starting over.
         kubernetes.mount_pvc(task, pvc_name=kf.checkpoints.pvc, mount_path=kf.checkpoints.mount_path)
-        task.set_env_variable(CHECKPOINT_ENV, kf.checkpoints.mount_path)
+        task.set_env_variable(CHECKPOINT_DIR_ENV, kf.checkpoints.mount_path)
     task.set_retry(num_retries=kf.retry.attempts, backoff_duration=kf.retry.backoff,
                    backoff_factor=kf.retry.factor, backoff_max_duration=kf.retry.max_backoff)
 

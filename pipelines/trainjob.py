@@ -21,7 +21,7 @@ from typing import Callable
 from components import tracking
 from components.config import CascadeConfig
 from components.errors import StageError
-from components.stage import Layout
+from components.stage import CHECKPOINT_DIR_ENV, Layout
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 NODE_JOB = "node"  # the torch-distributed runtime's replicated job (and container) name
@@ -58,7 +58,7 @@ def render_trainjob(cfg: CascadeConfig, stage: str, parent_run_id: str) -> dict:
     if place.accelerators:
         resources[pool.accelerator_resource] = str(place.accelerators)
     env = {tracking.PARENT_RUN_ENV: parent_run_id,
-           "CASCADE_CHECKPOINT_DIR": str(Path(kf.checkpoints.mount_path) / parent_run_id)}
+           CHECKPOINT_DIR_ENV: str(Path(kf.checkpoints.mount_path) / parent_run_id)}
     if kf.mlflow_tracking_uri:
         env["MLFLOW_TRACKING_URI"] = kf.mlflow_tracking_uri
     tolerations = [{k: v for k, v in dict(key=t.key, operator=t.operator, value=t.value, effect=t.effect).items()
