@@ -15,6 +15,7 @@ import torch
 
 from components.config import CascadeConfig, GeneratorConfig
 from components.generator import GeneratorResult, evaluate_prompts, report_files, train
+from components.errors import StageError
 from components.io import ACCEPTED_FILE, write_json
 from components.stage import TrackedInput, tracked
 from components.tracking import lightning_logger
@@ -46,13 +47,31 @@ def run(cfg: GeneratorConfig, tokens_dir: Path, features_dir: Path, tokenizer_di
 
 
 def execute(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
-            out_dir: Path, ckpt_dir: Path, metrics_file: Path, parent_run_id: str | None = None) -> GeneratorResult:
+            out_dir: Path, ckpt_dir: Path, metrics_file: Path, parent_run_id: str | None = None,
+            phase: str | None = None, init_dir: Path | None = None) -> GeneratorResult:
+    """The masked family's base model, or the diffusion family's: all PixArt phases (each in a nested
+    MLflow run), or with `phase` just that one, started from `init_dir` (a KFP task per phase)."""
+    inputs = lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "base")]  # noqa: E731
+    if cfg.generator.family == "diffusion":
+        from components import diffusion
+        from components.tracking import phase_run
+
+        return tracked(
+            "base", cfg,
+            lambda: diffusion.run_base(cfg, tokens_dir, features_dir, tokenizer_dir, validate_dir, out_dir, ckpt_dir,
+                                       phases=(phase,) if phase else None, init_dir=init_dir,
+                                       phase_run=None if phase else phase_run, logger_factory=lightning_logger),
+            metrics_file, inputs=inputs,
+            artifacts=lambda r: [Path(out_dir) / name for name in diffusion.REPORT_FILES],
+            parent_run_id=parent_run_id, section="diffusion.base", run_name=f"base/{phase}" if phase else None,
+        )
+    if phase is not None:
+        raise StageError("base: --phase is for the diffusion family's PixArt phases (generator.family: diffusion)")
     return tracked(
         "base", cfg,
         lambda: run(cfg.base, tokens_dir, features_dir, tokenizer_dir, validate_dir, out_dir, ckpt_dir,
                     lightning_logger()),
-        metrics_file,
-        inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "base")],
+        metrics_file, inputs=inputs,
         artifacts=lambda r: report_files(out_dir),
         parent_run_id=parent_run_id,
     )

@@ -109,7 +109,8 @@ class TrainLoopConfig:
 class TokenizerTrainConfig(TrainLoopConfig):
     l1_weight: float
     l2_weight: float
-    reg_weight: float  # codebook + commitment (vqgan) or KL (kl) loss weight
+    reg_weight: float  # codebook + commitment loss weight (vqgan)
+    kl_weight: float  # KL loss weight (kl; per latent element, so small: latents stay informative)
     disc_start: int  # step at which the adversarial loss switches on
     disc_weight: float
     disc_lr: float
@@ -176,6 +177,142 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class FamilyConfig:
+    """Which generator family the base and superres stages train."""
+
+    family: Literal["masked", "diffusion"]  # masked: Muse (base:, superres:) | diffusion: Imagen/PixArt/XGen (diffusion:)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DitConfig:
+    """PixArt-alpha DiT (diffusers PixArtTransformer2DModel) over the KL latent grid."""
+
+    width: int  # heads x head dim
+    depth: int
+    heads: int
+    patch_size: int  # latent pixels per side of one token
+
+
+@dataclass(frozen=True, config=_STRICT)
+class UNetConfig:
+    """An Imagen-style U-Net (diffusers UNet2DConditionModel): self- and cross-attention to the text
+    at the lowest resolutions and in the middle block, pooled text added to the time embedding."""
+
+    channels: tuple[int, ...]  # block widths; the grid halves between blocks
+    layers_per_block: int
+    attention_head_dim: int
+    norm_groups: int
+    attention_levels: int  # how many of the lowest-resolution levels attend (attention cost grows with side^4)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class NoiseScheduleConfig:
+    train_timesteps: int
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+    prediction: Literal["epsilon", "v_prediction"]  # what the network predicts (Imagen SR, XGen: v)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DiffusionSamplerConfig:
+    sampler: Literal["dpm", "ddim"]  # DPM-Solver++ (multistep) or DDIM, diffusers schedulers
+    steps: int
+    guidance: float  # classifier-free guidance t: (1 + t) eps_c - t eps_u (0 = off)
+    thresholding: Literal["dynamic", "static", "none"]  # pixel space only (Imagen); latents: none
+    percentile: float  # dynamic thresholding percentile of |x0| (Imagen: 0.995)
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DiffusionLoopConfig:
+    """What every PixArt phase shares; each phase brings its own steps, lr and warm-up."""
+
+    batch_size: int  # global
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float
+    text_dropout: float  # null-text share for classifier-free guidance (10%)
+    ema_decay: float
+    checkpoint_every: int
+    seed: int
+    precision: str
+    devices: int
+    num_workers: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PhaseConfig:
+    """One PixArt-alpha training phase, initialised from the previous phase's weights."""
+
+    name: str  # a KFP task `base-<name>` and an MLflow run `base/<name>`
+    steps: int
+    lr: float
+    warmup_steps: int
+    text: bool  # false: unconditional (phase 1, pixel dependencies); true: text-image alignment
+    min_caption_words: int  # the phase's data: items whose caption has at least this many words
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DiffusionBaseConfig:
+    """Latent diffusion on the base KL-VAE's latents (XGen-Image-1, PixArt-alpha)."""
+
+    backbone: Literal["dit", "unet"]
+    dit: DitConfig
+    unet: UNetConfig
+    schedule: NoiseScheduleConfig
+    train: DiffusionLoopConfig
+    phases: tuple[PhaseConfig, ...]
+    sample: DiffusionSamplerConfig
+    eval_prompts: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class NoiseAugConfig:
+    """Imagen noise conditioning augmentation, levels as fractions of the schedule's timesteps."""
+
+    train_max: float  # training noises the low-res input at a level drawn uniformly from [0, train_max]
+    sample: float  # the fixed level sampling uses
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DiffusionSuperresConfig:
+    """Imagen's text-conditioned pixel-space super-resolution U-Net."""
+
+    unet: UNetConfig
+    schedule: NoiseScheduleConfig
+    noise_aug: NoiseAugConfig
+    train: GeneratorTrainConfig
+    sample: DiffusionSamplerConfig
+    eval_prompts: int
+
+
+@dataclass(frozen=True, config=_STRICT)
+class DiffusionConfig:
+    base: DiffusionBaseConfig
+    superres: DiffusionSuperresConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ScorerConfig:
+    kind: Literal["evaluator", "pickscore"]  # the domain evaluator's image-text score | a local preference model
+    path: Optional[str]  # pickscore: a local transformers CLIPModel + processor directory
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TouchupConfig:
+    expand: float  # the crop is the region's bounding box grown by this fraction of its side per edge
+    strength: float  # img2img strength: how much of the crop is re-generated (0..1]
+    feather: int  # mask blur in pixels for blending the crop back
+
+
+@dataclass(frozen=True, config=_STRICT)
+class InferenceConfig:
+    """XGen-Image-1's inference-time quality: rejection sampling and region touch-ups."""
+
+    candidates: int  # candidates per prompt; the scorer keeps the best (1 = off)
+    scorer: ScorerConfig
+    touchup: TouchupConfig
+
+
+@dataclass(frozen=True, config=_STRICT)
 class EvaluatorTrainConfig(TrainLoopConfig):
     weight_decay: float
 
@@ -199,7 +336,7 @@ class DecoderTrainConfig(TrainLoopConfig):
 
 @dataclass(frozen=True, config=_STRICT)
 class DecoderFinetuneConfig:
-    """Muse decoder finetuning: a larger decoder for the super-res tokenizer's (frozen) codes."""
+    """Muse decoder finetuning: a larger decoder for frozen codes (the super-res VQGAN's; diffusion family: the base KL-VAE's latents)."""
 
     channels: tuple[int, ...]  # the new decoder's block widths (same count as the tokenizer's)
     layers_per_block: int
@@ -361,12 +498,15 @@ class CascadeConfig:
     features: FeaturesConfig
     tokenizer: TokenizerConfig
     tokens: TokensConfig
+    generator: FamilyConfig
     base: GeneratorConfig
     superres: GeneratorConfig
+    diffusion: DiffusionConfig
     evaluator: EvaluatorConfig
     decoder_ft: DecoderFinetuneConfig
     evaluate: EvaluateConfig
     register: RegisterConfig
+    inference: InferenceConfig
     kubeflow: KubeflowConfig
 
 
@@ -419,11 +559,54 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
 
 def build(merged: dict, source: str = "params.yaml") -> CascadeConfig:
     try:
-        return CascadeConfig(**merged)
+        cfg = CascadeConfig(**merged)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
     except TypeError as err:  # unknown/missing top-level keyword arguments
         raise ConfigError(f"{source}: {err}") from None
+    _check_across_sections(cfg, source)
+    return cfg
+
+
+def _check_across_sections(cfg: CascadeConfig, source: str) -> None:
+    """Rules that span keys; each error names the key to change."""
+    family, kind = cfg.generator.family, cfg.tokenizer.kind
+    if family == "diffusion" and kind != "kl":
+        raise ConfigError(f"{source}: tokenizer.kind: the diffusion family trains on KL-VAE latents, set it to kl "
+                          f"(got {kind}; or set generator.family: masked)")
+    if family == "masked" and kind != "vqgan":
+        raise ConfigError(f"{source}: tokenizer.kind: the masked family trains on VQGAN tokens, set it to vqgan "
+                          f"(got {kind}; or set generator.family: diffusion)")
+    d = cfg.diffusion
+    low, high = cfg.tokenizer.base.resolution, cfg.tokenizer.superres.resolution
+    if family == "diffusion" and low >= high:
+        raise ConfigError(f"{source}: tokenizer.base.resolution: the diffusion family's super-res model upsamples "
+                          f"the base images ({low}px) to tokenizer.superres.resolution ({high}px); make the base "
+                          "resolution smaller (XGen-Image-1: 64 -> 256)")
+    names = [phase.name for phase in d.base.phases]
+    if not names:
+        raise ConfigError(f"{source}: diffusion.base.phases: at least one phase is needed")
+    for i, name in enumerate(names):
+        if not name.isidentifier() or names.index(name) != i:
+            raise ConfigError(f"{source}: diffusion.base.phases[{i}].name: {name!r} must be a unique identifier "
+                              "(letters, digits, _)")
+    if not d.base.phases[-1].text:
+        raise ConfigError(f"{source}: diffusion.base.phases[{len(names) - 1}].text: the last phase must be "
+                          "text-conditioned (it is the model that gets registered)")
+    if d.base.sample.thresholding != "none":
+        raise ConfigError(f"{source}: diffusion.base.sample.thresholding: latents are unbounded; thresholding "
+                          "applies to pixel-space sampling only (diffusion.superres.sample), set it to none")
+    for key, sampler in (("base", d.base.sample), ("superres", d.superres.sample)):
+        if not 0.5 <= sampler.percentile < 1.0 + 1e-12:
+            raise ConfigError(f"{source}: diffusion.{key}.sample.percentile: must lie in [0.5, 1], got {sampler.percentile}")
+    aug = d.superres.noise_aug
+    if not (0.0 <= aug.sample <= 1.0 and 0.0 <= aug.train_max <= 1.0):
+        raise ConfigError(f"{source}: diffusion.superres.noise_aug: levels are fractions of the schedule in [0, 1], "
+                          f"got train_max {aug.train_max}, sample {aug.sample}")
+    if cfg.inference.candidates < 1:
+        raise ConfigError(f"{source}: inference.candidates: must be >= 1 (1 = no rejection sampling)")
+    if not 0.0 < cfg.inference.touchup.strength <= 1.0:
+        raise ConfigError(f"{source}: inference.touchup.strength: must lie in (0, 1], got {cfg.inference.touchup.strength}")
 
 
 def load_config(

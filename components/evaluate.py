@@ -168,17 +168,17 @@ def run(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, features_dir: Pa
     from components.features import FeatureStore
     from components.images import to_uint8
     from components.scoring import Scorer
-    from components.superres import load_for_inference
+    from components.cascades import default_guidance, load_from_dirs
 
     ev, out_dir = cfg.evaluate, Path(out_dir)
     (out_dir / "grids").mkdir(parents=True, exist_ok=True)
-    cascade = load_for_inference(cfg, base_dir, superres_dir, tokenizer_dir, decoder_dir)
+    cascade = load_from_dirs(cfg, base_dir, superres_dir, tokenizer_dir, decoder_dir)
     try:
         scorer = Scorer.from_config(ev, load_for_scoring(evaluator_dir, features_dir))
     except ValueError as err:  # a bad weights path: already one line naming the params key
         raise BadInputError(str(err)) from None
     generate = _Generator(cascade, ev.batch_size)
-    default = float(cfg.base.sample.guidance)
+    default = default_guidance(cfg)
     tick = counter(progress)
 
     # --- the guidance sweep: FID and CLIP on a fixed prompt set --------------------------------
@@ -292,7 +292,8 @@ class Report:
 
     def _summary(self) -> list[tuple[str, str]]:
         m, ev = self.metrics, self.cfg.evaluate
-        rows = [("profile", self.cfg.profile), ("default guidance", f"{self.default:g}"),
+        rows = [("profile", self.cfg.profile), ("generator family", self.cfg.generator.family),
+                ("default guidance", f"{self.default:g}"),
                 ("FID", f"{m['fid']:.3f} ({self.scorer.fid_backend} features)"),
                 ("CLIP score", f"{m['clip_score']:.2f} ({self.scorer.clip_backend})"),
                 ("prompts per scale", f"{int(m['n_prompts'])}" + (f", prefix {ev.caption_prefix!r}" if ev.caption_prefix else ""))]

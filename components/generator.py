@@ -26,7 +26,7 @@ from components.config import GeneratorConfig, GeneratorTrainConfig
 from components.errors import BadInputError, StageError
 from components.features import FeatureStore
 from components.tokens import TokenStore
-from components.training import code_digest, fingerprint, fit, warmup_cosine
+from components.training import adamw_warmup_cosine, code_digest, fingerprint, fit
 
 
 def spec_for(cfg: GeneratorConfig, tokens: TokenStore, features: FeatureStore, which: str):
@@ -49,17 +49,27 @@ def spec_for(cfg: GeneratorConfig, tokens: TokenStore, features: FeatureStore, w
         width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout, **cond)
 
 
-class TokenTextDataset(torch.utils.data.Dataset):
-    """Precomputed (tokens, text, low-res tokens) by item key, fetched a whole batch at a time."""
+class BatchDataset(torch.utils.data.Dataset):
+    """Items fetched a whole batch at a time (__getitems__, with whole_batch as collate_fn): one
+    feature lookup per batch instead of one per item."""
 
-    def __init__(self, tokens: TokenStore, features: FeatureStore, keys: list[str], which: str):
-        self.tokens, self.features, self.keys, self.which = tokens, features, list(keys), which
+    keys: list[str]
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        raise NotImplementedError
+
+
+class TokenTextDataset(BatchDataset):
+    """Precomputed (tokens, text, low-res tokens) by item key."""
+
+    def __init__(self, tokens: TokenStore, features: FeatureStore, keys: list[str], which: str):
+        self.tokens, self.features, self.keys, self.which = tokens, features, list(keys), which
 
     def __getitems__(self, indices: list[int]) -> dict:
         keys = [self.keys[i] for i in indices]
@@ -91,13 +101,7 @@ def _lightning_module():
             self.last_masked: torch.Tensor | None = None  # the last step's mask, for inspection (tests)
 
         def configure_optimizers(self):
-            t = self.train_cfg
-            decay, rest = [], []  # weight decay on matrices, not on embeddings, norms and biases
-            for name, p in self.model.named_parameters():
-                (decay if p.ndim >= 2 and "embedding" not in name else rest).append(p)
-            optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                           {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
-            return {"optimizer": optimizer, "lr_scheduler": warmup_cosine(optimizer, t.warmup_steps, t.steps)}
+            return adamw_warmup_cosine(self.model, self.train_cfg)
 
         def on_train_start(self) -> None:
             # dropout draws from the global RNG: per rank, and moved on by the resumed step

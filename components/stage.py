@@ -98,18 +98,28 @@ def tracked(
     inputs: Callable[[], list[TrackedInput]] = lambda: [],
     artifacts: Callable[[R], list[Path]] = lambda r: [],
     parent_run_id: str | None = None,
+    section: str | None = None,
+    run_name: str | None = None,
 ) -> R:
     """Run `call` inside the stage's MLflow run; write its metrics to MLflow and `metrics_file`.
-    A non-zero distributed rank only runs `call`: rank 0 records the stage."""
+    A non-zero distributed rank only runs `call`: rank 0 records the stage.
+
+    section: the dotted params section logged (default: the stage's own, e.g. `diffusion.base`
+    for the diffusion family's base); run_name: the MLflow run's name (default: the stage)."""
     import mlflow
 
     if not is_rank_zero():
         return call()
 
-    section = getattr(cfg, stage)
-    params = {f"{stage}.{k}": v for k, v in flatten(to_dict(section)).items()}
+    section = section or stage
+    node = cfg
+    for part in section.split("."):
+        node = getattr(node, part)
+    params = {f"{section}.{k}": v for k, v in flatten(to_dict(node)).items()}
     params["profile"] = cfg.profile
-    with tracking.stage_run(stage, cfg.tracking.experiment, cfg.profile, params, parent_run_id):
+    if hasattr(cfg, "generator"):
+        params["generator.family"] = cfg.generator.family
+    with tracking.stage_run(run_name or stage, cfg.tracking.experiment, cfg.profile, params, parent_run_id):
         try:
             result = call()
         except StageError as err:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from components.config import CascadeConfig
-from components.errors import BadInputError
+from components.errors import StageError
 from components.generator import GeneratorResult, evaluate_prompts, report_files, train
 from components.io import ACCEPTED_FILE, write_json
 from components.stage import TrackedInput, tracked
@@ -42,29 +42,11 @@ def load_cascade(cfg: CascadeConfig, base_dir: Path, tokenizer_dir: Path, superr
 
 def load_for_inference(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, tokenizer_dir: Path,
                        decoder_dir: Path | None = None):
-    """The full cascade with its frozen text encoder, as `cascade generate` and the registry use it.
-
-    The encoder comes from params (features.encoder) and must be the one the generators were trained
-    with: its fingerprint is compared with the one saved next to the generator weights.
-    """
+    """The masked cascade with its frozen text encoder (components.cascades.checked_load)."""
+    from components.cascades import checked_load
     from models.masked_transformer import read_generator_meta
-    from models.text_encoder import FrozenTextEncoder
 
-    for directory in (base_dir, tokenizer_dir, superres_dir) + ((decoder_dir,) if decoder_dir else ()):
-        if not Path(directory).is_dir():
-            raise BadInputError(f"{directory}: missing; train the cascade first (cascade repro)")
-    enc = cfg.features.encoder
-    try:
-        saved = read_generator_meta(base_dir).get("text_encoder", {})
-        encoder = FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length)
-        if saved.get("fingerprint") not in (None, encoder.fingerprint):
-            raise BadInputError(f"{base_dir}: trained with text encoder {saved.get('kind')} "
-                                f"({saved.get('path') or 'packaged'}), params has {enc.kind} ({enc.path or 'packaged'}); "
-                                "features.encoder must match the training run")
-        return load_cascade(cfg, base_dir, tokenizer_dir, superres_dir=superres_dir, text_encoder=encoder,
-                            decoder_dir=decoder_dir)
-    except ValueError as err:  # a missing/corrupt checkpoint or a broken contract, already one line
-        raise BadInputError(str(err)) from None
+    return checked_load(cfg, base_dir, superres_dir, tokenizer_dir, decoder_dir, read_generator_meta, load_cascade)
 
 
 def run(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
@@ -89,7 +71,23 @@ def run(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir:
 
 def execute(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
             base_dir: Path, out_dir: Path, ckpt_dir: Path, metrics_file: Path,
-            parent_run_id: str | None = None) -> GeneratorResult:
+            parent_run_id: str | None = None, data_dir: Path | None = None) -> GeneratorResult:
+    """The masked family's super-res model, or the diffusion family's pixel super-res (which reads
+    the shard images in data_dir instead of super-res tokens)."""
+    if cfg.generator.family == "diffusion":
+        from components import diffusion
+
+        if data_dir is None:
+            raise StageError("superres: the diffusion family's pixel super-res model needs the data stage's shards")
+        return tracked(
+            "superres", cfg,
+            lambda: diffusion.run_superres(cfg, data_dir, validate_dir, features_dir, tokenizer_dir, base_dir,
+                                           out_dir, ckpt_dir, lightning_logger()),
+            metrics_file,
+            inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "superres")],
+            artifacts=lambda r: [Path(out_dir) / name for name in diffusion.REPORT_FILES],
+            parent_run_id=parent_run_id, section="diffusion.superres",
+        )
     return tracked(
         "superres", cfg,
         lambda: run(cfg, tokens_dir, features_dir, tokenizer_dir, validate_dir, base_dir, out_dir, ckpt_dir,

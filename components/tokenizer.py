@@ -39,6 +39,12 @@ WHICH = ("base", "superres")
 IMAGE_COLUMNS = ["key", "shard", "image_member", "sha256", "split", "scene"]
 
 
+def tokenizers_for(cfg: CascadeConfig) -> tuple[str, ...]:
+    """The tokenizers a family uses: the diffusion family's super-res model works in pixels, so it
+    needs only the base KL-VAE; the masked family needs both VQGANs."""
+    return ("base",) if cfg.generator.family == "diffusion" else WHICH
+
+
 def read_accepted(validate_dir: Path) -> pd.DataFrame:
     """The accepted rows with what reading and checking their images needs."""
     return _read_accepted(validate_dir, IMAGE_COLUMNS)
@@ -97,7 +103,7 @@ def _lightning_module():
             rec = t.l1_weight * (out.recon - images).abs().mean() + t.l2_weight * (out.recon - images).pow(2).mean()
             if self.perceptual is not None and self.hparams.perceptual_weight > 0:
                 rec = rec + self.hparams.perceptual_weight * self.perceptual(out.recon, images)
-            loss = rec + t.reg_weight * out.reg_loss
+            loss = rec + (t.reg_weight if self.tokenizer.is_vq else t.kl_weight) * out.reg_loss
             gan_on = self.global_step >= t.disc_start
             if gan_on:
                 self.discriminator.requires_grad_(False)  # the generator term must not train D
@@ -248,11 +254,11 @@ class TokenizerResult:
 
 
 def run(cfg: TokenizerConfig, data_dir: Path, validate_dir: Path, out_dir: Path, ckpt_root: Path,
-        logger_factory: Callable[[str], object] | None = None) -> TokenizerResult:
+        logger_factory: Callable[[str], object] | None = None, which_ones: tuple[str, ...] = WHICH) -> TokenizerResult:
     out_dir = Path(out_dir)
     accepted = read_accepted(validate_dir)
     results = {}
-    for which in WHICH:
+    for which in which_ones:
         logger = logger_factory(which) if logger_factory else None
         results[which] = train_one(cfg, which, Path(data_dir), accepted, out_dir, Path(ckpt_root) / which, logger)
     return TokenizerResult(results, out_dir)
@@ -262,10 +268,10 @@ def execute(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, out_dir: Pat
             metrics_file: Path, parent_run_id: str | None = None) -> TokenizerResult:
     return tracked(
         "tokenizer", cfg,
-        lambda: run(cfg.tokenizer, data_dir, validate_dir, out_dir, ckpt_root, lightning_logger),
+        lambda: run(cfg.tokenizer, data_dir, validate_dir, out_dir, ckpt_root, lightning_logger, tokenizers_for(cfg)),
         metrics_file,
         inputs=lambda: [TrackedInput(Path(validate_dir) / ACCEPTED_FILE, "accepted", "tokenizer")],
-        artifacts=lambda r: [p for which in WHICH for p in (Path(out_dir) / which / "recon_grid.png",
+        artifacts=lambda r: [p for which in tokenizers_for(cfg) for p in (Path(out_dir) / which / "recon_grid.png",
                                                              Path(out_dir) / which / "tokenizer.json")],
         parent_run_id=parent_run_id,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from components.errors import BadInputError
 from components.images import ShardImageDataset
 from components.io import frame_digest, write_json, write_manifest
 from components.stage import TrackedInput, tracked
-from components.tokenizer import WHICH, read_accepted
+from components.tokenizer import WHICH, read_accepted, tokenizers_for
 
 CODES_FILE = "codes.safetensors"
 META_FILE = "tokens.json"
@@ -78,7 +79,8 @@ class TokensResult:
 
 
 def run(cfg: TokensConfig, data_dir: Path, validate_dir: Path, tokenizer_dir: Path, out_dir: Path,
-        features_dir: Path | None = None, progress: Callable[[int], None] | None = None) -> TokensResult:
+        features_dir: Path | None = None, progress: Callable[[int], None] | None = None,
+        which_ones: tuple[str, ...] = WHICH) -> TokensResult:
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
@@ -92,7 +94,10 @@ def run(cfg: TokensConfig, data_dir: Path, validate_dir: Path, tokenizer_dir: Pa
 
     start = time.perf_counter()
     encoded, reused = [], []
-    for which in WHICH:
+    for stale in set(WHICH) - set(which_ones):  # another family's codes must not be read as current
+        if (out_dir / stale).exists():
+            shutil.rmtree(out_dir / stale)
+    for which in which_ones:
         model, digest = _load_tokenizer(Path(tokenizer_dir) / which)
         address = content_address(digest, manifest_digest)
         target = out_dir / which
@@ -138,8 +143,9 @@ class TokenStore:
         keys = pd.read_parquet(self.out_dir / KEYS_FILE)
         self._row = dict(zip(keys["key"], keys["row"]))
         self.keys = keys
-        self.meta = {w: json.loads((self.out_dir / w / META_FILE).read_text()) for w in WHICH}
-        self._codes = {w: load_file(str(self.out_dir / w / CODES_FILE))["codes"] for w in WHICH}
+        present = [w for w in WHICH if (self.out_dir / w / META_FILE).is_file()]  # diffusion: base only
+        self.meta = {w: json.loads((self.out_dir / w / META_FILE).read_text()) for w in present}
+        self._codes = {w: load_file(str(self.out_dir / w / CODES_FILE))["codes"] for w in present}
 
     def address(self, which: str) -> str:
         """The content address of one tokenizer's codes (tokenizer digest + manifest digest)."""
@@ -157,7 +163,8 @@ def execute(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, tokenizer_di
             progress: Callable[[int], None] | None = None) -> TokensResult:
     return tracked(
         "tokens", cfg,
-        lambda: run(cfg.tokens, data_dir, validate_dir, tokenizer_dir, out_dir, features_dir, progress),
+        lambda: run(cfg.tokens, data_dir, validate_dir, tokenizer_dir, out_dir, features_dir, progress,
+                    tokenizers_for(cfg)),
         metrics_file,
         inputs=lambda: [TrackedInput(Path(validate_dir) / "accepted.parquet", "accepted", "tokens")],
         parent_run_id=parent_run_id,

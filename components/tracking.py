@@ -92,6 +92,21 @@ def stage_run(stage: str, experiment: str, profile: str, params: dict, parent_ru
         yield run
 
 
+@contextmanager
+def phase_run(name: str, params: dict) -> Iterator[object]:
+    """A run nested under the active stage run, for one part of a stage (a PixArt training phase)."""
+    mlflow = _mlflow()
+    parent = mlflow.active_run()
+    if parent is None:  # not recording (a non-zero rank): nothing to nest under
+        yield None
+        return
+    tags = {"cascade.kind": "phase", "cascade.stage": parent.data.tags.get("cascade.stage", ""),
+            "cascade.phase": name, "mlflow.source.git.commit": git_commit()}
+    with mlflow.start_run(run_name=name, nested=True, tags=tags) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        yield run
+
+
 def _param_value(value) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."

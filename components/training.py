@@ -41,6 +41,17 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return {"scheduler": schedule, "interval": "step"}
 
 
+def adamw_warmup_cosine(model: torch.nn.Module, t) -> dict:
+    """AdamW with weight decay on matrices only (not embeddings, norms, biases) and the warm-up +
+    cosine schedule: the generators' optimizer. t: a config with lr, betas, weight_decay, warmup_steps, steps."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embedding" not in name else rest).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=t.lr, betas=tuple(t.betas))
+    return {"optimizer": optimizer, "lr_scheduler": warmup_cosine(optimizer, t.warmup_steps, t.steps)}
+
+
 def fingerprint(**parts) -> str:
     payload = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -20,10 +20,13 @@ from torch import Tensor, nn
 
 from models.masked_transformer import MaskedTransformer, check_tokenizer_contract
 from models.sampling import SamplerSettings, decode, region_to_tokens
+from models.text_to_image import TextToImage, check_text_width
 from models.tokenizer import ImageTokenizer
 
 # the super-res stage's random streams are offset from the base stage's, so the two are independent
 SUPERRES_SEED_OFFSET = 1_000_003
+# img2img's choice of re-masked positions draws from streams offset from the sampler's
+IMG2IMG_SEED_OFFSET = 2_000_029
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class CascadeSettings:
     superres: SamplerSettings
 
 
-class Cascade(nn.Module):
+class Cascade(TextToImage):
     def __init__(self, text_encoder: nn.Module | None, base: MaskedTransformer, superres: MaskedTransformer,
                  base_tokenizer: ImageTokenizer, decoder: ImageTokenizer, settings: CascadeSettings,
                  text_dim: int | None = None):
@@ -47,11 +50,8 @@ class Cascade(nn.Module):
         check_tokenizer_contract(base.spec, low.codebook_size, low.grid, what="base generator")
         check_tokenizer_contract(superres.spec, decoder.codebook_size, decoder.spec.grid,
                                  low.codebook_size, low.grid, what="super-res generator")
-        dim = text_encoder.dim if text_encoder is not None else text_dim
-        for name, model in (("base", base), ("super-res", superres)):
-            if dim is not None and model.spec.text_dim != dim:
-                raise ValueError(f"{name} generator reads text of width {model.spec.text_dim}, the text encoder "
-                                 f"gives {dim}")
+        check_text_width(text_encoder.dim if text_encoder is not None else text_dim,
+                         {"base generator": base, "super-res generator": superres})
         self.text_encoder, self.base, self.superres, self.decoder = text_encoder, base, superres, decoder
         self.base_tokenizer = base_tokenizer
         self.settings = settings
@@ -59,23 +59,6 @@ class Cascade(nn.Module):
     @property
     def resolution(self) -> int:
         return self.decoder.spec.resolution
-
-    def encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        if self.text_encoder is None:
-            raise ValueError("this cascade has no text encoder: pass text embeddings to generate_from_text")
-        emb, mask = self.text_encoder.encode(list(prompts))  # [B,L,D], [B,L]
-        length = self.base.spec.text_length
-        return emb[:, :length], mask[:, :length]
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int = 0, negative_prompt: str | None = None,
-                 guidance: float | None = None, steps: int | None = None,
-                 superres_guidance: float | None = None, superres_steps: int | None = None) -> Tensor:
-        """Images [B, 3, R, R] in [-1, 1], image i drawn with seed + i."""
-        text, mask = self.encode_text(prompts)
-        neg = self.encode_text([negative_prompt] * len(prompts)) if negative_prompt else (None, None)
-        return self.generate_from_text(text, mask, seed, *neg, guidance=guidance, steps=steps,
-                                       superres_guidance=superres_guidance, superres_steps=superres_steps)
 
     @torch.no_grad()
     def generate_from_text(self, text: Tensor, mask: Tensor, seed: int = 0, negative_text: Tensor | None = None,
@@ -119,6 +102,48 @@ class Cascade(nn.Module):
             plans.append((tokenizer.encode(pixels).flatten(1), ~inside if outpaint else inside))
         (low_init, low_regen), (high_init, high_regen) = plans
         low = decode(self.base, text, mask, self.settings.base.replace(guidance=guidance, steps=steps), seeds,
+                     init_tokens=low_init, regenerate=low_regen)
+        high = decode(self.superres, text, mask, self.settings.superres.replace(guidance=guidance),
+                      [s + SUPERRES_SEED_OFFSET for s in seeds], cond_tokens=low, init_tokens=high_init,
+                      regenerate=high_regen)
+        return self.decode_tokens(high)
+
+    @torch.no_grad()
+    def img2img(self, prompts: list[str], images: Tensor, strength: float, seed: int = 0,
+                guidance: float | None = None) -> Tensor:
+        """Re-generate a `strength` share of each image's tokens under `prompts` (region touch-ups).
+
+        images [B, 3, R, R] in [-1, 1]. Both token maps are encoded from the image; in each, a random
+        round(strength * N) positions (at least one), drawn from image i's own generator seeded with
+        seed + i, are masked and decoded again as in `edit` (base first, super-res conditioned on it),
+        so strength 1 is plain generation with the same seeds and small strengths keep the layout.
+        """
+        R = self.resolution
+        if images.ndim != 4 or images.shape[1:] != (3, R, R):
+            raise ValueError(f"img2img: images must be [B, 3, {R}, {R}], got {list(images.shape)}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"img2img strength must be in (0, 1], got {strength}")
+        text, mask = self.encode_text(prompts)
+        B = text.shape[0]
+        if images.shape[0] != B:
+            raise ValueError(f"img2img: {B} prompts but {images.shape[0]} images")
+        seeds = [seed + i for i in range(B)]
+        r = self.base_tokenizer.spec.resolution
+        low_images = F.interpolate(images, size=(r, r), mode="area")  # [B,3,r,r]
+        plans = []
+        # the position draws get their own streams: decode() re-seeds with `seeds`, and sharing a stream
+        # would make which tokens are re-masked depend on the sampler's draws (or vice versa)
+        for offset, (tokenizer, pixels) in enumerate(((self.base_tokenizer, low_images), (self.decoder, images))):
+            init = tokenizer.encode(pixels).flatten(1)  # [B, g*g]
+            n_tokens = init.shape[1]
+            k = max(1, round(strength * n_tokens))
+            regen = torch.zeros(B, n_tokens, dtype=torch.bool)
+            for i, s in enumerate(seeds):
+                g = torch.Generator().manual_seed(s + IMG2IMG_SEED_OFFSET * (offset + 1))
+                regen[i, torch.randperm(n_tokens, generator=g)[:k]] = True
+            plans.append((init, regen.to(init.device)))
+        (low_init, low_regen), (high_init, high_regen) = plans
+        low = decode(self.base, text, mask, self.settings.base.replace(guidance=guidance), seeds,
                      init_tokens=low_init, regenerate=low_regen)
         high = decode(self.superres, text, mask, self.settings.superres.replace(guidance=guidance),
                       [s + SUPERRES_SEED_OFFSET for s in seeds], cond_tokens=low, init_tokens=high_init,

@@ -7,6 +7,7 @@ are specks and ignored. A component's colour is the majority among its confident
 pixels (within COLOUR_TOLERANCE of a palette colour); a component holding two colours in
 substance (touching objects) is split between them. An object's shape is whichever ideal
 shape (models.shapes.shape_mask), fitted to the object's moments, overlaps it best.
+region_mask() picks the objects a region caption ("a red circle") names, for touch-ups.
 
 check() compares the objects with the target scene per category. Objects are first assigned
 to groups: with one group every object belongs to it; with two, an object scores 2 for a group
@@ -39,7 +40,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from models.shapes import BACKGROUND, COLOURS, Scene, parse_caption, shape_mask
+from models.shapes import BACKGROUND, COLOURS, SHAPES, Scene, parse_caption, shape_mask
 
 COLOUR_TOLERANCE = 90.0  # max RGB distance to a palette colour for a pixel to vote on colour
 FOREGROUND_TOLERANCE = 150.0  # pixels farther than this from every colour (e.g. black) are background
@@ -211,6 +212,39 @@ def segment(image) -> list[DetectedObject]:
                 )
             )
     return objects
+
+
+def region_mask(image, caption: str, objects: list[DetectedObject] | None = None, grow: int = 0) -> np.ndarray:
+    """bool HxW: the union of the segmented objects whose colour and shape a region caption names.
+
+    The caption is one kind of object ("a red circle", "the two red circles", "blue squares", "red");
+    sizes, counts and articles are ignored, and a caption naming only a colour or only a shape matches
+    on that alone. ValueError (one line) when it names no colour or shape, names two of one (a relation
+    caption: touch up one group at a time), or no detected object matches (the message lists what was
+    found). `objects`: segment(image) when already computed. `grow`: dilate the mask by this many
+    pixels (8-connected): objects end at half coverage, so a touch-up that must also replace an
+    object's blurred fringe needs a margin.
+    """
+    words = [w.rstrip(".,;") for w in caption.lower().split()]
+    colours = sorted({w for w in words if w in COLOURS})
+    shapes = sorted({w[:-1] if w.endswith("s") and w[:-1] in SHAPES else w
+                     for w in words if w in SHAPES or (w.endswith("s") and w[:-1] in SHAPES)})
+    if not colours and not shapes:
+        raise ValueError(f"region caption {caption!r} names no colour ({'/'.join(COLOURS)}) or shape "
+                         f"({'/'.join(SHAPES)})")
+    if len(colours) > 1 or len(shapes) > 1:
+        raise ValueError(f"region caption {caption!r} names more than one kind of object "
+                         f"({', '.join(colours + shapes)}); touch up one at a time")
+    objects = segment(image) if objects is None else objects
+    matching = [o for o in objects if (not colours or o.colour == colours[0]) and (not shapes or o.shape == shapes[0])]
+    if not matching:
+        found = ", ".join(f"{o.colour} {o.shape}" for o in objects) or "nothing"
+        raise ValueError(f"no {' '.join(colours + shapes)} found in the image for region caption {caption!r} "
+                         f"(detected: {found})")
+    mask = np.logical_or.reduce([o.mask for o in matching])
+    if grow < 0:
+        raise ValueError(f"region grow must be >= 0 pixels, got {grow}")
+    return ndimage.binary_dilation(mask, structure=_EIGHT_CONNECTED, iterations=grow) if grow else mask
 
 
 # -----------------------------------------------------------------------------

@@ -71,12 +71,16 @@ def progress_bar(desc: str, total: int | None = None, unit: str = "item") -> Ite
 
 # --- stages -----------------------------------------------------------------------------------
 
-def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
-    """Execute one stage with the DVC layout's paths (what `dvc repro` and `cascade stage` run)."""
+def run_stage(name: str, cfg, layout, parent_run_id: str | None = None, phase: str | None = None,
+              init: Path | None = None):
+    """Execute one stage with the DVC layout's paths (what `dvc repro` and `cascade stage` run).
+    phase/init: one PixArt phase of the diffusion family's base, from the previous phase's weights."""
     from components import stage as stage_mod
 
     if name not in stage_mod.STAGES:
         raise StageError(f"unknown stage {name!r}; stages: {', '.join(stage_mod.STAGES)}")
+    if (phase or init) and name != "base":
+        raise StageError("--phase and --init only apply to the base stage (the diffusion family's PixArt phases)")
     if name == "data":
         from components import data
 
@@ -111,13 +115,14 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
 
         return base.execute(cfg, layout.out("tokens"), layout.out("features"), layout.out("tokenizer"),
                             layout.out("validate"), layout.out("base"), layout.checkpoints("base"),
-                            layout.metrics("base"), parent_run_id)
+                            layout.metrics("base"), parent_run_id, phase=phase, init_dir=init)
     if name == "superres":
         from components import superres
 
         return superres.execute(cfg, layout.out("tokens"), layout.out("features"), layout.out("tokenizer"),
                                 layout.out("validate"), layout.out("base"), layout.out("superres"),
-                                layout.checkpoints("superres"), layout.metrics("superres"), parent_run_id)
+                                layout.checkpoints("superres"), layout.metrics("superres"), parent_run_id,
+                                data_dir=layout.out("data"))
     if name == "evaluator":
         from components import evaluator
 
@@ -162,13 +167,15 @@ def run_stage(name: str, cfg, layout, parent_run_id: str | None = None):
 def stage(
     name: str = typer.Argument(..., help="Stage to run: data | validate | features | evaluator | tokenizer | tokens | base | superres | decoder_ft | evaluate | register."),
     root: Path = typer.Option(Path("."), "--root", help="Folder holding artifacts/, metrics/ and checkpoints/ (a Kubeflow TrainJob's work folder)."),
+    phase: Optional[str] = typer.Option(None, "--phase", help="base, diffusion family: run only this PixArt phase (diffusion.base.phases)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="With --phase: the previous phase's exported weights to start from."),
 ) -> None:
     """Run one pipeline stage with the default layout (artifacts/<stage>, metrics/<stage>.json). dvc.yaml calls this.
 
     Under torchrun (or a Kubeflow TrainJob) every rank runs it; only rank 0 writes and records results."""
     from components.stage import Layout
 
-    result = run_stage(name, _config(), Layout(root=root))
+    result = run_stage(name, _config(), Layout(root=root), phase=phase, init=init)
     typer.echo(f"{name}: " + ", ".join(f"{k}={v:g}" for k, v in result.metrics.items()))
 
 
@@ -311,19 +318,23 @@ def models() -> None:
     typer.echo(f"  text encoder ({enc.kind}, frozen): {n / 1e6:.1f}M parameters")
     import torch
 
-    from components.tokenizer import WHICH, spec_for
+    from components.tokenizer import spec_for
     from models.tokenizer import ImageTokenizer
 
-    for which in WHICH:
+    from components.tokenizer import tokenizers_for
+
+    for which in tokenizers_for(cfg):
         spec = spec_for(cfg.tokenizer, which)
         with torch.device("meta"):  # shapes only: no memory, no weights
             count = sum(p.numel() for p in ImageTokenizer(spec).parameters())
         typer.echo(f"  {which} tokenizer ({spec.kind}, {spec.resolution}px f{spec.downsample}, "
                    f"{spec.grid}x{spec.grid} tokens, codebook {spec.codebook_size}): {count / 1e6:.1f}M parameters")
-    if cfg.tokenizer.kind != "vqgan":
+    from models.text_encoder import hidden_size
+
+    if cfg.generator.family == "diffusion":
+        _diffusion_models(cfg, hidden_size(enc.kind, enc.path), enc.max_length)
         return
     from models.masked_transformer import MaskedTransformer, MaskedTransformerSpec
-    from models.text_encoder import hidden_size
 
     base_tok, sr_tok = spec_for(cfg.tokenizer, "base"), spec_for(cfg.tokenizer, "superres")
     for which, tok, cond in (("base", base_tok, {}),
@@ -339,6 +350,23 @@ def models() -> None:
             count = sum(p.numel() for p in MaskedTransformer(spec).parameters())
         typer.echo(f"  {which} generator (masked transformer, {m.depth} layers x {m.width}, "
                    f"{spec.n_tokens} tokens): {count / 1e6:.1f}M parameters")
+
+
+def _diffusion_models(cfg, text_dim: int, text_length: int) -> None:
+    import torch
+
+    from components.diffusion import latent_spec, superres_spec
+    from components.tokenizer import spec_for
+    from models.diffusion import DiffusionModel
+
+    vae = spec_for(cfg.tokenizer, "base")
+    for which, spec in (("base", latent_spec(cfg, vae.latent_channels, vae.grid, text_dim, text_length)),
+                        ("superres", superres_spec(cfg, text_dim, text_length))):
+        with torch.device("meta"):
+            count = sum(p.numel() for p in DiffusionModel(spec).parameters())
+        what = (f"latent {spec.backbone} on {spec.channels_in}x{spec.size}x{spec.size} latents" if which == "base"
+                else f"pixel U-Net {spec.low_res}->{spec.size}px")
+        typer.echo(f"  {which} generator (diffusion, {what}, {spec.prediction}): {count / 1e6:.1f}M parameters")
 
 
 # --- inference --------------------------------------------------------------------------------
@@ -358,12 +386,17 @@ def generate(
     init_image: Optional[Path] = typer.Option(None, "--init-image", help="Edit this image instead of generating from scratch (needs --mask)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="With --init-image: a PNG whose white pixels mark the region to regenerate."),
     outpaint: bool = typer.Option(False, "--outpaint", help="With --init-image: regenerate outside the mask instead of inside."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Rejection sampling: draw N candidates per image and keep the one the scorer (params inference.scorer) rates best; 1 = off (default: params inference.candidates; generation only, not --init-image edits)."),
     artifacts: Path = typer.Option(Path("artifacts"), help="Where the trained stages' outputs are (the DVC layout)."),
 ) -> None:
-    """Text -> base tokens -> super-res tokens -> decoder -> PNG, with the trained cascade."""
+    """Text -> PNG with the trained cascade (either family); with --candidates N, the best of N by a preference scorer."""
+    from components.cascades import load_for_inference
     from components.images import to_uint8
-    from components.superres import load_for_inference
 
+    if candidates is not None and candidates < 1:
+        raise StageError(f"--candidates must be >= 1, got {candidates}")
+    if candidates is not None and candidates > 1 and init_image is not None:
+        raise StageError("--candidates applies to generation; it cannot be combined with --init-image")
     if batch < 1:
         raise StageError(f"--batch must be >= 1, got {batch}")
     for name, value in (("--steps", steps), ("--superres-steps", superres_steps)):
@@ -374,14 +407,20 @@ def generate(
             raise StageError(f"{name} must be a number >= 0, got {value}")
     if (init_image is None) != (mask is None):
         raise StageError("editing needs both --init-image and --mask")
-    finetuned = artifacts / "decoder_ft"  # the decoder_ft stage's larger decoder, once it has run
-    cascade = load_for_inference(_config(), artifacts / "base", artifacts / "superres", artifacts / "tokenizer",
-                                 finetuned if (finetuned / "tokenizer.json").is_file() else None)
+    cfg = _config()
+    # the params value applies to generation only: an edit keeps the one image it is asked for
+    n = candidates if candidates is not None else (1 if init_image is not None else cfg.inference.candidates)
+    cascade = load_for_inference(cfg, artifacts)
     all_prompts = [p for p in prompts for _ in range(batch)]
+    notes = [""] * len(all_prompts)
     try:
         if init_image is not None:
             images = cascade.edit(all_prompts, *_edit_inputs(init_image, mask, cascade.resolution, len(all_prompts)),
                                   seed=seed, outpaint=outpaint, guidance=guidance, steps=steps)
+        elif n > 1:
+            images, notes = _best_of(cascade, cfg, artifacts, all_prompts, n, seed, negative_prompt,
+                                     dict(guidance=guidance, superres_guidance=superres_guidance, steps=steps,
+                                          superres_steps=superres_steps))
         else:
             images = cascade.generate(all_prompts, seed=seed, negative_prompt=negative_prompt, guidance=guidance,
                                       steps=steps, superres_guidance=superres_guidance, superres_steps=superres_steps)
@@ -392,9 +431,34 @@ def generate(
     pixels = to_uint8(images)
     paths = [output] if len(pixels) == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(len(pixels))]
     output.parent.mkdir(parents=True, exist_ok=True)
-    for path, image, prompt in zip(paths, pixels, all_prompts):
+    for path, image, prompt, note in zip(paths, pixels, all_prompts, notes):
         Image.fromarray(image).save(path)
-        typer.echo(f"{path}: {prompt}")
+        typer.echo(f"{path}: {prompt}{note}")
+
+
+def _best_of(cascade, cfg, artifacts: Path, prompts: list[str], n: int, seed: int, negative_prompt: str | None,
+             settings: dict):
+    """Rejection sampling: (images [B,3,R,R], one "  score ..." note per image). Candidate j of image i uses
+    seed + i*n + j, so --candidates 1 would give exactly the plain images."""
+    from components.preference import for_prompts, load_scorer
+    from models.rejection import rejection_sample
+
+    encoder = getattr(cascade, "text_encoder", None)
+    scorer = load_scorer(cfg.inference.scorer, artifacts, getattr(encoder, "fingerprint", None))
+    text, mask = cascade.encode_text(prompts)
+    extra = {k: v for k, v in settings.items() if k in ("guidance", "superres_guidance") or v is not None}
+    negative = cascade.encode_text([negative_prompt]) if negative_prompt else None
+
+    def generate(t, m, seeds):
+        if negative is not None:  # the families that take negative prompts take their features this way
+            extra.update(negative_text=negative[0].expand(len(seeds), -1, -1),
+                         negative_mask=negative[1].expand(len(seeds), -1))
+        return cascade.generate_from_text(t, m, seeds=seeds, **extra)
+
+    result = rejection_sample(generate, text, mask, n, for_prompts(scorer, prompts, text, mask), seed=seed)
+    notes = [f"  ({scorer.name} score {float(row[j]):.2f}, best of {n}: "
+             + ", ".join(f"{float(x):.2f}" for x in row) + ")" for row, j in zip(result.scores, result.chosen)]
+    return result.images, notes
 
 
 def _edit_inputs(image_path: Path, mask_path: Path, resolution: int, n: int):
@@ -411,6 +475,92 @@ def _edit_inputs(image_path: Path, mask_path: Path, resolution: int, n: int):
     except OSError as err:
         raise StageError(f"cannot read the edit inputs: {err}") from None
     return image.expand(n, -1, -1, -1), region.expand(n, -1, -1)
+
+
+@app.command(name="touch-up")
+@user_errors
+def touch_up(
+    image: Path = typer.Argument(..., help="The image to touch up (PNG/JPEG), e.g. one `cascade generate` wrote."),
+    caption: str = typer.Option(..., "--caption", help="What the region should show, e.g. 'a red circle'; without --mask/--segmenter it also finds the region (the matching objects, grown by feather + 1 pixels)."),
+    output: Path = typer.Option(Path("touched.png"), "--output", "-o", help="Where to write the touched-up PNG."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="A PNG of the image's size whose white pixels mark the region."),
+    segmenter: Optional[str] = typer.Option(None, "--segmenter", help="module:function called with (uint8 HxWx3 image, caption), returning a bool HxW region mask."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="img2img strength in (0, 1]: share of the crop re-generated (default: params inference.touchup.strength)."),
+    expand: Optional[float] = typer.Option(None, "--expand", help="Crop = region's box grown by this fraction of its side per edge (default: params inference.touchup.expand)."),
+    feather: Optional[int] = typer.Option(None, "--feather", help="Blend-mask feather in pixels, inside the region (default: params inference.touchup.feather)."),
+    seed: int = typer.Option(0, help="The img2img seed; the same seed gives the same result."),
+    artifacts: Path = typer.Option(Path("artifacts"), help="Where the trained stages' outputs are (the DVC layout)."),
+) -> None:
+    """Re-generate one region of an image: find it (the exact checker's segmentation, a mask or your segmenter),
+    crop it with context, img2img the crop under --caption, blend it back; pixels outside the region are kept."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from components.cascades import load_for_inference
+    from components.images import to_tensor, to_uint8
+    from models import touchup as touchup_mod
+
+    if mask is not None and segmenter is not None:
+        raise StageError("pass either --mask or --segmenter, not both")
+    cfg = _config()
+    t = cfg.inference.touchup
+    strength = t.strength if strength is None else strength
+    expand = t.expand if expand is None else expand
+    feather = t.feather if feather is None else feather
+    if not 0 < strength <= 1:
+        raise StageError(f"--strength must be in (0, 1], got {strength}")
+    if not expand >= 0:
+        raise StageError(f"--expand must be >= 0, got {expand}")
+    if feather < 0:
+        raise StageError(f"--feather must be >= 0, got {feather}")
+    pixels = _read_rgb(image)  # [H,W,3] uint8
+    try:
+        if mask is not None:
+            region = _read_mask(mask, pixels.shape[:2])
+        elif segmenter is not None:
+            region = touchup_mod.segment_region(touchup_mod.load_segmenter(segmenter), pixels, caption)
+        else:
+            from models.checker import region_mask
+
+            # the segmentation ends at half coverage: grow past the object's blurred fringe and the feather
+            # ramp, or the old object's outline would stay behind around the new one
+            region = region_mask(pixels, caption, grow=feather + 1)
+    except ValueError as err:  # bad caption, no matching object, a segmenter that cannot be used
+        raise StageError(str(err)) from None
+    if not region.any():
+        raise StageError(f"{mask}: the region is empty (no white pixels)")
+    cascade = load_for_inference(cfg, artifacts)
+    try:
+        out = touchup_mod.touch_up(to_tensor(Image.fromarray(pixels)), torch.from_numpy(np.ascontiguousarray(region)),
+                                   caption, cascade, expand=expand, strength=strength, feather=feather, seed=seed)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_uint8(out[None])[0]).save(output)
+    x0, y0, side = touchup_mod.crop_box(torch.from_numpy(np.ascontiguousarray(region)), expand)
+    typer.echo(f"{output}: {caption!r} re-generated in {int(region.sum())} pixels "
+               f"(crop {side}x{side} at {x0},{y0}; strength {strength:g}, seed {seed})")
+
+
+def _read_rgb(path: Path):
+    """[H,W,3] uint8 from an image file; one-line StageError if it cannot be read."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise StageError(f"{path}: cannot read the image ({err})") from None
+
+
+def _read_mask(path: Path, size: tuple[int, int]):
+    """bool [H,W] (white-ish pixels) from a mask image that must match the image's size."""
+    pixels = _read_rgb(path)
+    if pixels.shape[:2] != tuple(size):
+        raise StageError(f"{path}: the mask is {pixels.shape[1]}x{pixels.shape[0]}, the image {size[1]}x{size[0]}")
+    return pixels.mean(axis=2) >= 128
 
 
 # --- KFP ---------------------------------------------------------------------------------------

@@ -90,14 +90,39 @@ def base(params: str, profile: str, parent_run_id: str, validated: Input[Dataset
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def superres(params: str, profile: str, parent_run_id: str, validated: Input[Dataset], text_features: Input[Dataset],
-             tokenizers: Input[Model], image_tokens: Input[Dataset], base_model: Input[Model],
-             superres_model: Output[Model], samples: Output[Markdown], metrics: Output[Metrics]):
-    """Stage `superres`: Muse super-res masked transformer; then the whole cascade is checked."""
+def base_first_phase(params: str, profile: str, parent_run_id: str, phase: str, validated: Input[Dataset],
+                     text_features: Input[Dataset], tokenizers: Input[Model], image_tokens: Input[Dataset],
+                     base_model: Output[Model], samples: Output[Markdown], metrics: Output[Metrics]):
+    """Stage `base`, diffusion family: the first PixArt-alpha phase (pixel dependencies), from scratch."""
+    from pipelines.kfp_tasks import base_task
+
+    base_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
+              samples, metrics, phase=phase)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def base_next_phase(params: str, profile: str, parent_run_id: str, phase: str, validated: Input[Dataset],
+                    text_features: Input[Dataset], tokenizers: Input[Model], image_tokens: Input[Dataset],
+                    init_model: Input[Model], base_model: Output[Model], samples: Output[Markdown],
+                    metrics: Output[Metrics]):
+    """Stage `base`, diffusion family: a later PixArt-alpha phase, started from the previous phase's weights."""
+    from pipelines.kfp_tasks import base_task
+
+    base_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
+              samples, metrics, phase=phase, init_model=init_model)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def superres(params: str, profile: str, parent_run_id: str, dataset: Input[Dataset], validated: Input[Dataset],
+             text_features: Input[Dataset], tokenizers: Input[Model], image_tokens: Input[Dataset],
+             base_model: Input[Model], superres_model: Output[Model], samples: Output[Markdown],
+             metrics: Output[Metrics]):
+    """Stage `superres`: Muse super-res masked transformer or Imagen pixel super-res diffusion; then the
+    whole cascade is checked."""
     from pipelines.kfp_tasks import superres_task
 
-    superres_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
-                  superres_model, samples, metrics)
+    superres_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens,
+                  base_model, superres_model, samples, metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -114,7 +139,7 @@ def decoder_ft(params: str, profile: str, parent_run_id: str, dataset: Input[Dat
                text_features: Input[Dataset], tokenizers: Input[Model], image_tokens: Input[Dataset],
                base_model: Input[Model], superres_model: Input[Model], evaluator_model: Input[Model],
                decoder: Output[Model], report: Output[Markdown], metrics: Output[Metrics]):
-    """Stage `decoder_ft`: a larger super-res decoder on the frozen codes (Muse decoder finetuning)."""
+    """Stage `decoder_ft`: a larger decoder on the frozen codes (super-res VQGAN or, diffusion family, base KL-VAE)."""
     from pipelines.kfp_tasks import decoder_ft_task
 
     decoder_ft_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens,
@@ -206,8 +231,10 @@ def build_pipeline(params_text: str, profile: str | None = None, cluster: bool =
             evaluator_step = evaluator(dataset=data_step.outputs["dataset"],
                                        validated=validate_step.outputs["validated"],
                                        text_features=features_step.outputs["text_features"], **common)
-            base_step = base(**trained, **common)
-            superres_step = superres(base_model=base_step.outputs["base_model"], **trained, **common)
+            base_tasks = base_steps(cfg, trained, common)  # one task, or one per PixArt phase
+            base_step = base_tasks[-1]
+            superres_step = superres(dataset=data_step.outputs["dataset"], base_model=base_step.outputs["base_model"],
+                                     **trained, **common)
             cascade_parts = dict(validated=validate_step.outputs["validated"],
                                  text_features=features_step.outputs["text_features"],
                                  tokenizers=tokenizer_step.outputs["tokenizers"],
@@ -233,8 +260,25 @@ def build_pipeline(params_text: str, profile: str | None = None, cluster: bool =
                              register=register_step)
                 for stage, task in steps.items():
                     place_task(task, stage, kf)
+                for task in base_tasks[:-1]:  # the earlier PixArt phases run where base runs
+                    place_task(task, "base", kf)
 
     return cascade_pipeline
+
+
+def base_steps(cfg, trained: dict, common: dict) -> list:
+    """The base stage's tasks: one (masked family), or one per PixArt-alpha phase (diffusion family),
+    each started from the previous phase's weights and shown as base-<phase> in the DAG."""
+    if cfg.generator.family != "diffusion":
+        return [base(**trained, **common)]
+    tasks = []
+    for phase in cfg.diffusion.base.phases:
+        if tasks:
+            task = base_next_phase(phase=phase.name, init_model=tasks[-1].outputs["base_model"], **trained, **common)
+        else:
+            task = base_first_phase(phase=phase.name, **trained, **common)
+        tasks.append(task.set_display_name(f"base-{phase.name}"))
+    return tasks
 
 
 def params_default(params_path=None) -> str:

@@ -92,7 +92,8 @@ def _checkpoint_root(stage: str, parent_run_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="cascade-ckpt-")) / stage
 
 
-def _on_trainjob(cfg, params: str, stage: str, parent_run_id: str, inputs: dict, output, metrics):
+def _on_trainjob(cfg, params: str, stage: str, parent_run_id: str, inputs: dict, output, metrics,
+                 phase: str | None = None):
     """None when the stage runs in this pod; with `nodes > 1` it runs as a Kubeflow TrainJob and
     this returns that job's result."""
     if getattr(cfg.kubeflow.stages, stage).nodes == 1:
@@ -101,7 +102,7 @@ def _on_trainjob(cfg, params: str, stage: str, parent_run_id: str, inputs: dict,
 
     return SimpleNamespace(metrics=run_remote_stage(cfg, params, stage, parent_run_id,
                                                     {k: Path(v.path) for k, v in inputs.items()},
-                                                    Path(output.path), _metrics_file(metrics)))
+                                                    Path(output.path), _metrics_file(metrics), phase=phase))
 
 
 def tokenizer_task(params, profile, parent_run_id, dataset, validated, tokenizers, metrics) -> None:
@@ -127,30 +128,38 @@ def tokens_task(params, profile, parent_run_id, dataset, validated, text_feature
 
 
 def base_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
-              samples, metrics) -> None:
+              samples, metrics, phase: str | None = None, init_model=None) -> None:
+    """The base stage, or (diffusion family) one PixArt phase started from init_model's weights."""
     from components import base
+    from pipelines.trainjob import INIT_INPUT
 
     cfg = _config(params, profile)
     inputs = {"tokens": image_tokens, "features": text_features, "tokenizer": tokenizers, "validate": validated}
-    result = _on_trainjob(cfg, params, "base", parent_run_id, inputs, base_model, metrics) or \
+    if init_model is not None:
+        inputs[INIT_INPUT] = init_model
+    result = _on_trainjob(cfg, params, "base", parent_run_id, inputs, base_model, metrics, phase=phase) or \
         base.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
                      Path(validated.path), Path(base_model.path), _checkpoint_root("base", parent_run_id),
-                     _metrics_file(metrics), parent_run_id)
+                     _metrics_file(metrics), parent_run_id, phase=phase,
+                     init_dir=Path(init_model.path) if init_model is not None else None)
+    if phase:
+        base_model.metadata.update({"phase": phase})
     _describe_generator(base_model, samples, result)
     _log_metrics(metrics, result.metrics)
 
 
-def superres_task(params, profile, parent_run_id, validated, text_features, tokenizers, image_tokens, base_model,
-                  superres_model, samples, metrics) -> None:
+def superres_task(params, profile, parent_run_id, dataset, validated, text_features, tokenizers, image_tokens,
+                  base_model, superres_model, samples, metrics) -> None:
     from components import superres
 
     cfg = _config(params, profile)
     inputs = {"tokens": image_tokens, "features": text_features, "tokenizer": tokenizers, "validate": validated,
-              "base": base_model}
+              "base": base_model, "data": dataset}
     result = _on_trainjob(cfg, params, "superres", parent_run_id, inputs, superres_model, metrics) or \
         superres.execute(cfg, Path(image_tokens.path), Path(text_features.path), Path(tokenizers.path),
                          Path(validated.path), Path(base_model.path), Path(superres_model.path),
-                         _checkpoint_root("superres", parent_run_id), _metrics_file(metrics), parent_run_id)
+                         _checkpoint_root("superres", parent_run_id), _metrics_file(metrics), parent_run_id,
+                         data_dir=Path(dataset.path))
     _describe_generator(superres_model, samples, result)
     _log_metrics(metrics, result.metrics)
 

@@ -37,10 +37,16 @@ def check_placement(cfg: CascadeConfig) -> None:
             raise ConfigError(f"params.yaml: {key}: multi-host TPU slices are not run through the torch-distributed "
                               "TrainJob runtime; use one TPU host (nodes: 1) or the gpu pool")
         if stage in TRAINING_STAGES and place.accelerators:
-            devices = getattr(cfg, stage).train.devices
+            section = stage
+            if stage in ("base", "superres") and cfg.generator.family == "diffusion":
+                section = f"diffusion.{stage}"  # the diffusion family's training settings
+            node = cfg
+            for part in section.split("."):
+                node = getattr(node, part)
+            devices = node.train.devices
             if devices != place.accelerators:
                 raise ConfigError(f"params.yaml: {key}.accelerators ({place.accelerators}) must equal "
-                                  f"{stage}.train.devices ({devices}): Lightning trains on one process per accelerator")
+                                  f"{section}.train.devices ({devices}): Lightning trains on one process per accelerator")
 
 
 def image_for(kf: KubeflowConfig, place: StagePlacement) -> str:

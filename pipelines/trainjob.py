@@ -37,23 +37,42 @@ STAGE_INPUTS = {
 }
 
 
-def trainjob_name(stage: str, parent_run_id: str) -> str:
-    """A DNS-1123 name, one per stage per pipeline run (a retried launcher finds its job again)."""
+def stage_inputs(cfg: CascadeConfig, stage: str) -> tuple[str, ...]:
+    """STAGE_INPUTS for cfg's generator family: the diffusion super-res model trains on pixels."""
+    needed = STAGE_INPUTS[stage]
+    if stage == "superres" and cfg.generator.family == "diffusion":
+        needed = needed + ("data",)
+    return needed
+
+
+def trainjob_name(stage: str, parent_run_id: str, phase: str | None = None) -> str:
+    """A DNS-1123 name, one per stage (and phase) per pipeline run (a retried launcher finds its job again)."""
+    stage = f"{stage}-{phase}" if phase else stage
     name = f"cascade-{stage}-{parent_run_id[:16]}".lower().replace("_", "-")
     return re.sub(r"[^a-z0-9-]", "-", name)[:63].rstrip("-")
 
 
-def work_dir(cfg: CascadeConfig, stage: str, parent_run_id: str) -> Path:
+def work_dir(cfg: CascadeConfig, stage: str, parent_run_id: str, phase: str | None = None) -> Path:
     """Where a TrainJob's inputs and outputs live on the claim (beside, never inside, checkpoints)."""
-    return Path(cfg.kubeflow.checkpoints.mount_path) / parent_run_id / f"trainjob-{stage}"
+    return Path(cfg.kubeflow.checkpoints.mount_path) / parent_run_id / f"trainjob-{stage}{'-' + phase if phase else ''}"
 
 
-def render_trainjob(cfg: CascadeConfig, stage: str, parent_run_id: str) -> dict:
-    """The TrainJob manifest for `stage` from params (`kubeflow:` placement and trainer settings)."""
+INIT_INPUT = "base_init"  # a PixArt phase's starting weights, staged as artifacts/base_init
+
+
+def render_trainjob(cfg: CascadeConfig, stage: str, parent_run_id: str, phase: str | None = None,
+                    with_init: bool = False) -> dict:
+    """The TrainJob manifest for `stage` (one PixArt `phase` of the diffusion base, started from the
+    staged previous phase when `with_init`) from params (`kubeflow:` placement and trainer settings)."""
     kf = cfg.kubeflow
     place = getattr(kf.stages, stage)
     pool = getattr(kf.pools, place.pool)
-    work = work_dir(cfg, stage, parent_run_id)
+    work = work_dir(cfg, stage, parent_run_id, phase)
+    stage_args = ["stage", stage, "--root", str(work)]
+    if phase:
+        stage_args += ["--phase", phase]
+    if with_init:
+        stage_args += ["--init", str(Layout(root=work).out(INIT_INPUT))]
     resources = {"cpu": place.cpu, "memory": place.memory}
     if place.accelerators:
         resources[pool.accelerator_resource] = str(place.accelerators)
@@ -66,7 +85,7 @@ def render_trainjob(cfg: CascadeConfig, stage: str, parent_run_id: str) -> dict:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "TrainJob",
-        "metadata": {"name": trainjob_name(stage, parent_run_id), "namespace": kf.namespace,
+        "metadata": {"name": trainjob_name(stage, parent_run_id, phase), "namespace": kf.namespace,
                      "labels": {"app.kubernetes.io/part-of": "cascade", "cascade/stage": stage.replace("_", "-")}},
         "spec": {
             "runtimeRef": {"name": kf.trainer.runtime, "apiGroup": GROUP, "kind": "ClusterTrainingRuntime"},
@@ -75,7 +94,7 @@ def render_trainjob(cfg: CascadeConfig, stage: str, parent_run_id: str) -> dict:
                 # torchrun reads the node grid (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ...) that the
                 # torch-distributed runtime sets; --no-python runs our console script on every process.
                 "command": ["torchrun", "--no-python", "cascade", "--params", str(work / "params.yaml"),
-                            "--profile", cfg.profile, "stage", stage, "--root", str(work)],
+                            "--profile", cfg.profile, *stage_args],
                 "numNodes": place.nodes,
                 "numProcPerNode": max(place.accelerators, 1),
                 "resourcesPerNode": {"requests": resources, "limits": resources},
@@ -178,17 +197,19 @@ def run_trainjob(spec: dict, *, api=None, poll_seconds: float = 30, timeout_s: f
 
 
 def run_remote_stage(cfg: CascadeConfig, params_text: str, stage: str, parent_run_id: str,
-                     inputs: dict[str, Path], output: Path, metrics_file: Path, api=None) -> dict[str, float]:
-    """Stage inputs on the claim, run the TrainJob, copy rank 0's outputs back; returns its metrics."""
-    missing = set(STAGE_INPUTS[stage]) - set(inputs)
+                     inputs: dict[str, Path], output: Path, metrics_file: Path, api=None,
+                     phase: str | None = None) -> dict[str, float]:
+    """Stage inputs on the claim, run the TrainJob, copy rank 0's outputs back; returns its metrics.
+    phase: one PixArt phase of the diffusion base (inputs[INIT_INPUT]: the previous phase's weights)."""
+    missing = set(stage_inputs(cfg, stage)) - set(inputs)
     if missing:
         raise StageError(f"{stage}: TrainJob launcher is missing inputs {sorted(missing)}")
-    work = work_dir(cfg, stage, parent_run_id)
+    work = work_dir(cfg, stage, parent_run_id, phase)
     layout = Layout(root=work)
     for dep, path in inputs.items():
         shutil.copytree(path, layout.out(dep), dirs_exist_ok=True)
     (work / "params.yaml").write_text(params_text)
-    run_trainjob(render_trainjob(cfg, stage, parent_run_id), api=api, poll_seconds=cfg.kubeflow.trainer.poll_seconds,
+    run_trainjob(render_trainjob(cfg, stage, parent_run_id, phase, with_init=INIT_INPUT in inputs), api=api, poll_seconds=cfg.kubeflow.trainer.poll_seconds,
                  timeout_s=cfg.kubeflow.trainer.timeout_hours * 3600)
     if not layout.metrics(stage).is_file():
         raise StageError(f"TrainJob for {stage} completed but wrote no {layout.metrics(stage)}")

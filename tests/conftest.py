@@ -133,3 +133,41 @@ def smoke_decoder(smoke_cascade, smoke_evaluator, tmp_path_factory) -> Path:
                    smoke_cascade.superres, root / "decoder", root / "ckpt",
                    feature_module=fid_features(art.cfg.evaluate, smoke_evaluator, art.features))
     return root / "decoder"
+
+
+# --- the diffusion family on the smoke profile ------------------------------------------------
+
+DIFFUSION = {"generator.family": "diffusion", "tokenizer.kind": "kl"}
+
+
+@dataclass(frozen=True)
+class SmokeDiffusion:
+    cfg: object
+    art: SmokeArtifacts  # data, validate, features shared with the masked family
+    tokenizer: Path  # the base KL-VAE only (tokenizer/base)
+    tokens: Path  # its latents (tokens/base)
+    base: Path  # the last PixArt phase at the root, every phase under phases/<name>
+    superres: Path
+    base_metrics: dict
+    superres_metrics: dict
+
+
+@pytest.fixture(scope="session")
+def smoke_diffusion(smoke_artifacts, tmp_path_factory) -> SmokeDiffusion:
+    """The diffusion family (generator.family: diffusion) trained on the smoke data: KL-VAE ->
+    latents -> DiT base (all phases) -> pixel super-res."""
+    from components import diffusion, tokenizer, tokens
+
+    art = smoke_artifacts
+    cfg = load_config(REPO / "params.yaml", "smoke", DIFFUSION)
+    root = tmp_path_factory.mktemp("smoke_diffusion")
+    tokenizer.run(cfg.tokenizer, art.data, art.validate, root / "tokenizer", root / "ckpt" / "tokenizer",
+                  which_ones=("base",))
+    tokens.run(cfg.tokens, art.data, art.validate, root / "tokenizer", root / "tokens", art.features,
+               which_ones=("base",))
+    b = diffusion.run_base(cfg, root / "tokens", art.features, root / "tokenizer", art.validate, root / "base",
+                           root / "ckpt" / "base")
+    s = diffusion.run_superres(cfg, art.data, art.validate, art.features, root / "tokenizer", root / "base",
+                               root / "superres", root / "ckpt" / "superres")
+    return SmokeDiffusion(cfg, art, root / "tokenizer", root / "tokens", root / "base", root / "superres",
+                          b.metrics, s.metrics)

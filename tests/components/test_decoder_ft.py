@@ -1,4 +1,5 @@
-"""Stage `decoder_ft`: a larger super-res decoder on frozen codes; frozen parts checked; bad input."""
+"""Stage `decoder_ft`: a larger decoder on frozen codes (masked: the super-res VQGAN; diffusion: the
+base KL-VAE on its latents); frozen parts checked; bad input."""
 
 import dataclasses
 import json
@@ -162,3 +163,128 @@ def test_missing_or_corrupt_inputs(smoke_cascade, tmp_path):
         run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", tokenizer_dir=tokenizer)
     with pytest.raises(BadInputError, match="generator.json: missing"):
         run_stage(smoke_cascade, tmp_path / "out", tmp_path / "ckpt", superres_dir=tmp_path / "nowhere")
+
+
+# --- the diffusion family: the base KL-VAE's decoder on the base latents ---------------------------
+
+def run_diffusion_stage(diffusion, out, ckpt, **kw):
+    art = diffusion.art
+    args = dict(cfg=diffusion.cfg, data_dir=art.data, validate_dir=art.validate, tokens_dir=diffusion.tokens,
+                tokenizer_dir=diffusion.tokenizer, base_dir=diffusion.base, superres_dir=diffusion.superres,
+                out_dir=out, ckpt_dir=ckpt)
+    return decoder_ft.run(**{**args, **kw})
+
+
+def _diffusion_digests(diffusion) -> dict:
+    from models.diffusion import diffusion_digest
+
+    return {"vae": tokenizer_digest(diffusion.tokenizer / "base"), "base": diffusion_digest(diffusion.base),
+            "superres": diffusion_digest(diffusion.superres)}
+
+
+@pytest.fixture(scope="module")
+def finetuned_vae(smoke_diffusion, tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoder_ft_diffusion")
+    before = _diffusion_digests(smoke_diffusion)
+    result = run_diffusion_stage(smoke_diffusion, root / "out", root / "ckpt", feature_module=TinyFeatures())
+    return result, before
+
+
+def test_diffusion_family_finetunes_the_base_vae_decoder(smoke_diffusion, finetuned_vae):
+    result, before = finetuned_vae
+    cfg = smoke_diffusion.cfg.decoder_ft
+    source = load_tokenizer(smoke_diffusion.tokenizer / "base")
+    model = load_tokenizer(result.out_dir)
+    assert source.spec.kind == model.spec.kind == "kl"
+    assert model.spec == dataclasses.replace(source.spec, decoder_channels=tuple(cfg.channels),
+                                             decoder_layers_per_block=cfg.layers_per_block)
+    old, new = source.state_dict(), model.state_dict()
+    frozen = frozen_parameter_names(model)
+    assert frozen and all(n.startswith(("vae.encoder.", "vae.quant_conv.")) for n in frozen)
+    assert any(n.startswith("vae.quant_conv.") for n in frozen)
+    for name in frozen:
+        assert torch.equal(old[name], new[name]), name
+    assert not torch.equal(old["vae.post_quant_conv.weight"], new["vae.post_quant_conv.weight"])  # it trained
+    assert sum(v.numel() for k, v in new.items() if k.startswith("vae.decoder.")) > \
+        sum(v.numel() for k, v in old.items() if k.startswith("vae.decoder."))
+    store = TokenStore(smoke_diffusion.tokens)
+    latents = store.lookup("base", store.keys["key"].tolist()[:4])  # [4,C,g,g]: what the base model samples
+    with torch.no_grad():
+        images = model.decode(latents)
+    r = smoke_diffusion.cfg.tokenizer.base.resolution
+    assert images.shape == (4, 3, r, r) and torch.isfinite(images).all()
+    assert _diffusion_digests(smoke_diffusion) == before  # the KL-VAE and both diffusion models untouched
+
+
+def test_the_finetuned_vae_slots_into_the_diffusion_cascade(smoke_diffusion, finetuned_vae):
+    from components.diffusion import load_cascade
+
+    result, _ = finetuned_vae
+    cascade = load_cascade(smoke_diffusion.cfg, smoke_diffusion.base, smoke_diffusion.tokenizer,
+                           superres_dir=smoke_diffusion.superres, decoder_dir=result.out_dir)
+    assert cascade.vae.spec == load_tokenizer(result.out_dir).spec  # latent contract checked by the cascade
+
+
+def test_diffusion_family_metrics_and_report(smoke_diffusion, finetuned_vae):
+    result, _ = finetuned_vae
+    m = result.metrics
+    for key in ("psnr_old", "psnr_new", "l1_old", "l1_new", "psnr_gain", "fid_old", "fid_new",
+                "decoder_parameters_old", "decoder_parameters_new", "final_loss"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["decoder_parameters_new"] > m["decoder_parameters_old"]
+    assert json.loads((result.out_dir / "metrics.json").read_text()) == pytest.approx(m)
+    report = (result.out_dir / "report.md").read_text()
+    assert report.startswith("# decoder_ft: old vs new base KL-VAE decoder")
+    assert "same latents" in report and f"{m['psnr_new']:.2f}" in report
+    n = min(8, smoke_diffusion.cfg.decoder_ft.eval_images)
+    r = smoke_diffusion.cfg.tokenizer.base.resolution
+    grid = np.asarray(Image.open(result.out_dir / "comparison.png"))
+    assert grid.shape == (3 * (r + 2), n * (r + 2), 3)
+
+
+def test_diffusion_family_refuses_a_vqgan(smoke_diffusion, tmp_path):
+    vqgan_dir = smoke_diffusion.art.tokenizer  # the masked family's tokenizers (base is a VQGAN)
+    with pytest.raises(BadInputError, match="tokenizer.json: a vqgan tokenizer; .*set tokenizer.kind: kl") as e:
+        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", tokenizer_dir=vqgan_dir)
+    assert "\n" not in str(e.value) and str(vqgan_dir / "base") in str(e.value)
+
+
+def test_diffusion_base_model_trained_on_other_latents_is_refused(smoke_diffusion, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(smoke_diffusion.base, base)
+    meta = json.loads((base / "diffusion.json").read_text())
+    meta["tokens"] = "0" * 64
+    (base / "diffusion.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="base diffusion model was trained on other latents than .*re-run the base"
+                       ) as e:
+        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", base_dir=base)
+    assert "\n" not in str(e.value) and str(base) in str(e.value)
+    with pytest.raises(BadInputError, match="diffusion.json: missing"):
+        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", base_dir=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("what", ["encoder", "superres model"])
+def test_diffusion_family_frozen_part_changed_fails(smoke_diffusion, tmp_path, what):
+    from lightning.pytorch.callbacks import Callback
+
+    superres = tmp_path / "superres"
+    shutil.copytree(smoke_diffusion.superres, superres)
+
+    class Tamper(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx != 1:
+                return
+            if what == "encoder":
+                with torch.no_grad():
+                    pl_module.tokenizer.vae.encoder.conv_in.weight.mul_(1.01)
+            else:
+                with (superres / "diffusion.safetensors").open("ab") as f:
+                    f.write(b"\0")
+
+    match = "super-res diffusion model" if what == "superres model" else "encoder and quant_conv"
+    with pytest.raises(StageError, match=f"decoder_ft: frozen {match}.* changed") as e:
+        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", superres_dir=superres,
+                            callbacks=[Tamper()])
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "tokenizer.safetensors").exists()
+    assert not (tmp_path / "ckpt").exists()

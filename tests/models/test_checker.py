@@ -184,3 +184,80 @@ def test_check_result_and_score_without_relations(scenes):
     assert math.isnan(summary["position"]) and summary["overall"] == 1.0 and summary["n_position"] == 0
     with pytest.raises(ValueError):
         score([], [])
+
+
+# --- region masks for touch-ups ------------------------------------------------------------------
+
+
+def _two_reds_and_a_blue() -> np.ndarray:
+    """Two red circles (different sizes), a red square and a blue square on white, 64px."""
+    from models.shapes import shape_mask
+
+    pixels = np.full((64, 64, 3), 255, dtype=np.uint8)
+    centres = (np.arange(64) + 0.5) / 64
+    xs, ys = centres[None, :], centres[:, None]
+    for shape, colour, x, y, r in (("circle", "red", 0.2, 0.2, 0.12), ("circle", "red", 0.75, 0.25, 0.16),
+                                   ("square", "red", 0.25, 0.75, 0.11), ("square", "blue", 0.75, 0.75, 0.12)):
+        pixels[shape_mask(shape, x, y, r, xs, ys)] = COLOURS[colour]
+    return pixels
+
+
+def test_region_mask_is_the_union_of_the_objects_the_caption_names():
+    from models.checker import region_mask
+
+    pixels = _two_reds_and_a_blue()
+    objects = segment(pixels)
+    red_circles = [o for o in objects if (o.colour, o.shape) == ("red", "circle")]
+    assert len(red_circles) == 2
+    expected = red_circles[0].mask | red_circles[1].mask
+    # no size needed; plural, article, count and case are ignored
+    for cap in ("a red circle", "two red circles", "The Red Circles.", "a large red circle"):
+        mask = region_mask(pixels, cap)
+        assert mask.dtype == bool and mask.shape == (64, 64)
+        assert np.array_equal(mask, expected), cap
+    # a colour alone or a shape alone matches on that attribute only
+    reds = np.logical_or.reduce([o.mask for o in objects if o.colour == "red"])
+    assert np.array_equal(region_mask(pixels, "the red one"), reds)
+    squares = np.logical_or.reduce([o.mask for o in objects if o.shape == "square"])
+    assert np.array_equal(region_mask(pixels, "squares", objects=objects), squares)
+    # the blue square's pixels are exactly its object's, nothing else
+    blue = region_mask(pixels, "a blue square")
+    assert blue.sum() == (pixels == COLOURS["blue"]).all(axis=2).sum()
+
+
+@pytest.mark.parametrize("cap, message", [
+    ("a green triangle", r"no green triangle found .*detected: .*blue square"),
+    ("a red triangle", "no red triangle found"),
+    ("something shiny", "names no colour"),
+    ("a red circle above a blue square", "more than one kind of object"),
+])
+def test_region_mask_refuses_captions_it_cannot_resolve(cap, message):
+    from models.checker import region_mask
+
+    with pytest.raises(ValueError, match=message) as err:
+        region_mask(_two_reds_and_a_blue(), cap)
+    assert "\n" not in str(err.value)
+
+
+def test_region_mask_on_a_blank_image_says_nothing_was_detected():
+    from models.checker import region_mask
+
+    with pytest.raises(ValueError, match=r"detected: nothing"):
+        region_mask(np.full((32, 32, 3), 255, np.uint8), "a red circle")
+
+
+def test_region_mask_grows_by_whole_pixels_on_request():
+    from scipy import ndimage
+
+    from models.checker import region_mask
+
+    pixels = _two_reds_and_a_blue()
+    exact = region_mask(pixels, "a blue square")
+    grown = region_mask(pixels, "a blue square", grow=2)
+    assert np.array_equal(grown, ndimage.binary_dilation(exact, np.ones((3, 3), bool), iterations=2))
+    assert (grown & ~exact).any() and not (exact & ~grown).any()
+    ys, xs = np.nonzero(exact)
+    gys, gxs = np.nonzero(grown)
+    assert (gys.min(), gxs.min(), gys.max(), gxs.max()) == (ys.min() - 2, xs.min() - 2, ys.max() + 2, xs.max() + 2)
+    with pytest.raises(ValueError, match="grow must be >= 0"):
+        region_mask(pixels, "a blue square", grow=-1)

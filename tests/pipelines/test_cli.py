@@ -17,8 +17,8 @@ from pipelines.cli import app
 from tests.conftest import REPO
 
 PARAMS = REPO / "params.yaml"
-COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "compile", "submit", "run",
-            "promote")
+COMMANDS = ("stage", "repro", "ingest", "validate", "check", "config", "models", "generate", "touch-up", "compile",
+            "submit", "run", "promote")
 
 
 def invoke(*args) -> "object":
@@ -299,3 +299,213 @@ def test_generate_without_a_trained_cascade_says_what_to_run(tmp_path):
     line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle",
                                        "--artifacts", tmp_path))
     assert "train the cascade first (cascade repro)" in line
+
+
+# --- generate --candidates (rejection sampling) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_artifacts(trained_artifacts, smoke_evaluator, smoke_cascade, tmp_path_factory) -> Path:
+    """trained_artifacts plus the domain evaluator and the text features (the evaluator scorer's inputs)."""
+    root = tmp_path_factory.mktemp("scored") / "artifacts"
+    shutil.copytree(trained_artifacts, root)
+    shutil.copytree(smoke_evaluator, root / "evaluator")
+    shutil.copytree(smoke_cascade.art.features, root / "features")
+    return root
+
+
+def _params_with(tmp_path: Path, **inference) -> Path:
+    """params.yaml with `inference:` keys replaced (candidates, scorer)."""
+    tree = yaml.safe_load(PARAMS.read_text())
+    for key, value in inference.items():
+        tree["inference"][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def _scores(line: str) -> tuple[float, list[float]]:
+    """(kept score, all candidates' scores) from a `path: prompt  (evaluator score S, best of N: a, b)` line."""
+    import re
+
+    match = re.search(r"evaluator score (-?[\d.]+), best of (\d+): ([-\d., ]+)\)", line)
+    assert match, line
+    scores = [float(x) for x in match.group(3).split(", ")]
+    assert len(scores) == int(match.group(2))
+    return float(match.group(1)), scores
+
+
+def test_generate_with_candidates_keeps_the_best_scored_of_the_plain_images(scored_artifacts, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    common = ("--params", PARAMS, "--profile", "smoke", "generate", "a small red circle", "--artifacts",
+              scored_artifacts, "--seed", 3)
+    # candidate j of the prompt uses seed 3 + j: the same images as --batch 3 without rejection
+    plain = invoke(*common, "--batch", 3, "--candidates", 1, "-o", tmp_path / "plain.png")
+    assert plain.exit_code == 0, plain.output
+    assert "score" not in plain.stdout  # 1 = off: nothing scored
+    best = invoke(*common, "--candidates", 3, "-o", tmp_path / "best.png")
+    assert best.exit_code == 0, best.output
+    kept, scores = _scores(best.stdout.strip().splitlines()[-1])
+    assert kept == max(scores) and len(set(scores)) > 1
+    chosen = np.asarray(Image.open(tmp_path / "best.png"), dtype=int)
+    distances = [np.abs(chosen - np.asarray(Image.open(tmp_path / f"plain-{j}.png"), dtype=int)).max() for j in range(3)]
+    assert int(np.argmin(distances)) == scores.index(max(scores))
+    assert min(distances) <= 1  # the same tokens; batch composition may round a pixel differently
+    again = invoke(*common, "--candidates", 3, "-o", tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "best.png").read_bytes() and again.stdout == \
+        best.stdout.replace("best.png", "again.png")
+
+
+def test_generate_takes_the_candidate_count_from_params(scored_artifacts, tmp_path):
+    params = _params_with(tmp_path, candidates=2)
+    result = invoke("--params", params, "--profile", "smoke", "generate", "a small red circle", "two blue squares",
+                    "--artifacts", scored_artifacts, "-o", tmp_path / "out.png")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(len(_scores(line)[1]) == 2 for line in lines)
+    assert lines[1].startswith(f"{tmp_path / 'out-1.png'}: two blue squares")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--candidates", "0"), "--candidates must be >= 1"),
+    (("--candidates", "2", "--init-image", "x.png", "--mask", "m.png"), "cannot be combined with --init-image"),
+])
+def test_generate_bad_candidate_options_are_one_line_errors(trained_artifacts, extra, message):
+    line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle",
+                                       "--artifacts", trained_artifacts, *extra))
+    assert message in line
+
+
+def test_generate_candidates_without_an_evaluator_or_preference_model_says_what_is_missing(trained_artifacts,
+                                                                                           tmp_path):
+    line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "generate", "a red circle",
+                                       "--artifacts", trained_artifacts, "--candidates", 2))
+    assert "evaluator" in line and "re-run the evaluator stage" in line
+    params = _params_with(tmp_path, scorer={"kind": "pickscore", "path": str(tmp_path / "no-pickscore")})
+    line = assert_clean_failure(invoke("--params", params, "--profile", "smoke", "generate", "a red circle",
+                                       "--artifacts", trained_artifacts, "--candidates", 2))
+    assert str(tmp_path / "no-pickscore") in line and "inference.scorer.path" in line
+
+
+# --- touch-up --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory) -> Path:
+    """A 32px PNG (the smoke cascade's resolution) of a red circle left of a blue square."""
+    from models.shapes import Placement, Scene, ShapeGroup
+
+    scene = Scene((ShapeGroup("red", "circle", "large", 1), ShapeGroup("blue", "square", "small", 1)), "left of",
+                  (Placement(0, 0.28, 0.5, 0.17), Placement(1, 0.75, 0.5, 0.11)))
+    path = tmp_path_factory.mktemp("touchup") / "scene.png"
+    shapes.render(scene, 32).save(path)
+    return path
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_touch_up_finds_the_region_with_the_checker_and_keeps_every_other_pixel(trained_artifacts, scene_png,
+                                                                                 tmp_path):
+    from models.checker import region_mask
+
+    args = ("--params", PARAMS, "--profile", "smoke", "touch-up", scene_png, "--caption", "a red circle",
+            "--artifacts", trained_artifacts, "--seed", 1, "--strength", 0.8)
+    result = invoke(*args, "-o", tmp_path / "a.png")
+    assert result.exit_code == 0, result.output
+    assert "'a red circle' re-generated in" in result.stdout
+    before, after = _pixels(scene_png), _pixels(tmp_path / "a.png")
+    # the checker's objects, grown past their blurred fringe and the feather ramp
+    feather = load_config(PARAMS, "smoke").inference.touchup.feather
+    region = region_mask(before, "a red circle", grow=feather + 1)
+    assert after.shape == before.shape and f"re-generated in {int(region.sum())} pixels" in result.stdout
+    assert (after[~region] == before[~region]).all()  # bit-exact outside the circle
+    assert (after[region] != before[region]).any()
+    again = invoke(*args, "-o", tmp_path / "b.png")
+    assert again.exit_code == 0 and (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_touch_up_with_a_mask_png_or_a_segmenter(trained_artifacts, scene_png, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    before = _pixels(scene_png)
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[4:12, 20:28] = 255  # a patch of background above the square
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = ("--params", PARAMS, "--profile", "smoke", "touch-up", scene_png, "--caption", "a small green circle",
+              "--artifacts", trained_artifacts, "--strength", 1.0)
+    result = invoke(*common, "--mask", tmp_path / "mask.png", "-o", tmp_path / "masked.png")
+    assert result.exit_code == 0, result.output
+    after, region = _pixels(tmp_path / "masked.png"), mask[..., 0] > 0
+    assert (after[~region] == before[~region]).all() and "64 pixels" in result.stdout
+    result = invoke(*common, "--segmenter", "tests.models.test_touchup:left_half", "-o", tmp_path / "seg.png")
+    assert result.exit_code == 0, result.output
+    assert (_pixels(tmp_path / "seg.png")[:, 16:] == before[:, 16:]).all()
+
+
+def test_touch_up_bad_inputs_are_one_line_errors(trained_artifacts, scene_png, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    cases = [
+        ((tmp_path / "absent.png", "--caption", "a red circle"), "absent.png: cannot read the image"),
+        ((tmp_path / "junk.png", "--caption", "a red circle"), "junk.png: cannot read the image"),
+        ((scene_png, "--caption", "a green triangle"), "no green triangle found in the image"),
+        ((scene_png, "--caption", "a red circle above a blue square"), "more than one kind of object"),
+        ((scene_png, "--caption", "x", "--mask", tmp_path / "empty.png"), "the region is empty"),
+        ((scene_png, "--caption", "x", "--mask", tmp_path / "small.png"), "the mask is 16x16, the image 32x32"),
+        ((scene_png, "--caption", "x", "--mask", tmp_path / "empty.png", "--segmenter", "a:b"), "either --mask or"),
+        ((scene_png, "--caption", "x", "--segmenter", "tests.models.test_touchup:nothing"), "found no region"),
+        ((scene_png, "--caption", "x", "--segmenter", "nomodule_xyz:f"), "cannot import nomodule_xyz"),
+        ((scene_png, "--caption", "a red circle", "--strength", 0), "--strength must be in (0, 1]"),
+    ]
+    for args, message in cases:
+        line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "touch-up", *args,
+                                           "--artifacts", trained_artifacts, "-o", tmp_path / "out.png"))
+        assert message in line, (args, line)
+    assert not (tmp_path / "out.png").exists()
+    line = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "touch-up", scene_png, "--caption",
+                                       "a red circle", "--artifacts", tmp_path))
+    assert "train the cascade first (cascade repro)" in line
+
+
+# --- the diffusion family through the same commands ---------------------------------------------
+
+
+def test_generate_candidates_and_touch_up_with_the_diffusion_family(smoke_diffusion, smoke_evaluator, scene_png,
+                                                                    tmp_path):
+    root = tmp_path / "artifacts"
+    for name, path in (("base", smoke_diffusion.base), ("superres", smoke_diffusion.superres),
+                       ("tokenizer", smoke_diffusion.tokenizer), ("evaluator", smoke_evaluator),
+                       ("features", smoke_diffusion.art.features)):
+        shutil.copytree(path, root / name)
+    tree = yaml.safe_load(PARAMS.read_text())
+    tree["generator"]["family"], tree["tokenizer"]["kind"] = "diffusion", "kl"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree, sort_keys=False))
+    models = invoke("--params", params, "--profile", "smoke", "models")
+    assert models.exit_code == 0 and "base generator (diffusion, latent dit" in models.stdout
+    result = invoke("--params", params, "--profile", "smoke", "generate", "a red circle", "--artifacts", root,
+                    "--candidates", 2, "--seed", 5, "-o", tmp_path / "best.png")
+    assert result.exit_code == 0, result.output
+    kept, scores = _scores(result.stdout)
+    assert kept == max(scores) and len(scores) == 2
+    touched = invoke("--params", params, "--profile", "smoke", "touch-up", scene_png, "--caption", "a red circle",
+                     "--artifacts", root, "--strength", 0.7, "-o", tmp_path / "t.png")
+    assert touched.exit_code == 0, touched.output
+    before, after = _pixels(scene_png), _pixels(tmp_path / "t.png")
+    assert (after != before).any() and after.shape == before.shape
+    masked = assert_clean_failure(invoke("--params", PARAMS, "--profile", "smoke", "stage", "base", "--phase", "x",
+                                         "--root", tmp_path / "nowhere"))
+    assert "--phase is for the diffusion family" in masked

@@ -99,3 +99,32 @@ def test_a_failing_task_fails_the_run_and_the_exit_handler_marks_mlflow_failed(t
     parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
     assert parent.info.status == "FAILED"
     assert parent.data.tags.get("cascade.failure")
+
+
+def test_the_diffusion_family_runs_each_pixart_phase_as_its_own_task(tmp_path):
+    """generator.family: diffusion compiles base as one task per PixArt-alpha phase, chained by the
+    weights they pass on, each placed where base runs; super-res gets the images."""
+    import json
+
+    from pipelines.kfp_pipeline import build_pipeline
+    from kfp import compiler
+
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    tree["generator"]["family"], tree["tokenizer"]["kind"] = "diffusion", "kl"
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(build_pipeline(json.dumps(tree), "tiny"), str(out))
+    spec, platform = yaml.safe_load_all(out.read_text())
+    inner = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    phases = {task["taskInfo"]["name"]: name for name, task in inner.items() if name.startswith("base")}
+    assert list(phases) == ["base-pixel", "base-align", "base-finetune"]
+    pixel, align, finetune = (inner[phases[n]] for n in phases)
+    assert "init_model" not in pixel["inputs"].get("artifacts", {})
+    for task, previous in ((align, phases["base-pixel"]), (finetune, phases["base-align"])):
+        assert task["inputs"]["artifacts"]["init_model"]["taskOutputArtifact"]["producerTask"] == previous
+        assert previous in task["dependentTasks"]
+    assert inner["superres"]["inputs"]["artifacts"]["base_model"]["taskOutputArtifact"]["producerTask"] == phases["base-finetune"]
+    assert "dataset" in inner["superres"]["inputs"]["artifacts"]
+    placed = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in phases.values():
+        executor = spec["components"][inner[name]["componentRef"]["name"]]["executorLabel"]
+        assert executor in placed and placed[executor].get("nodeSelector")  # on the GPU pool, as base

@@ -242,3 +242,52 @@ def test_two_torchrun_nodes_run_the_stage_as_one_ddp_job_and_only_rank_zero_reco
     stage_runs = [r for r in client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
                   if r.data.tags.get("cascade.stage") == "base"]
     assert len(stage_runs) == 1 and stage_runs[0].data.tags["mlflow.parentRunId"] == parent
+
+
+def test_a_pixart_phase_runs_as_its_own_trainjob_from_the_staged_previous_phase(tmp_path):
+    """Diffusion family: each phase of base is a TrainJob of its own (name, work folder, --phase)
+    that starts from the previous phase's weights staged as artifacts/base_init."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.trainjob import INIT_INPUT
+
+    mount = tmp_path / "claim"
+    cfg = load_config(REPO / "params.yaml", "base256", {"generator.family": "diffusion", "tokenizer.kind": "kl",
+                                                        "tokenizer.base.resolution": 64,
+                                                        "tokenizer.base.downsample": 8,
+                                                        "tokenizer.base.channels": [128, 256, 256, 512],
+                                                        "kubeflow.checkpoints.mount_path": str(mount),
+                                                        "kubeflow.stages.base.nodes": 2})
+    spec = render_trainjob(cfg, "base", RUN_ID, phase="align", with_init=True)
+    argv = spec["spec"]["trainer"]["command"][3:]
+    work = mount / RUN_ID / "trainjob-base-align"
+    assert argv[argv.index("--phase") + 1] == "align"
+    assert argv[argv.index("--init") + 1] == str(Layout(root=work).out(INIT_INPUT))
+    assert "align" in spec["metadata"]["name"] != render_trainjob(cfg, "base", RUN_ID, phase="pixel")["metadata"]["name"]
+    assert "--init" not in render_trainjob(cfg, "base", RUN_ID, phase="pixel")["spec"]["trainer"]["command"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1 and "params file not found" in result.output  # --phase/--init parse
+
+    inputs = {}
+    for dep in ("tokens", "features", "tokenizer", "validate", INIT_INPUT):
+        inputs[dep] = tmp_path / "kfp" / dep
+        inputs[dep].mkdir(parents=True)
+        (inputs[dep] / "part.bin").write_text(dep)
+
+    def nodes_run_the_phase(body):
+        assert "--phase" in body["spec"]["trainer"]["command"]
+        layout = Layout(root=work)
+        assert (layout.out(INIT_INPUT) / "part.bin").read_text() == INIT_INPUT
+        layout.out("base").mkdir(parents=True)
+        (layout.out("base") / "diffusion.safetensors").write_text("weights")
+        layout.metrics("base").parent.mkdir(parents=True)
+        layout.metrics("base").write_text(json.dumps({"align.final_loss": 0.5}))
+
+    api = FakeTrainer(["Complete"], on_create=nodes_run_the_phase)
+    metrics = run_remote_stage(cfg, "profile: base256\n", "base", RUN_ID, inputs, tmp_path / "out", tmp_path / "m.json",
+                               api=api, phase="align")
+    assert metrics == {"align.final_loss": 0.5}
+    with pytest.raises(StageError, match="missing inputs \\['data'\\]"):  # pixel super-res reads the images
+        run_remote_stage(cfg, "", "superres", RUN_ID, {**inputs, "base": tmp_path}, tmp_path / "o",
+                         tmp_path / "m2.json", api=api)
