@@ -208,3 +208,15 @@ def test_evaluate_and_register_the_diffusion_cascade(smoke_diffusion, smoke_eval
 
     served = mlflow.pyfunc.load_model(reg.model_uri).predict(pd.DataFrame({"prompt": ["a red circle"], "seed": [1]}))
     assert len(served) == 1 and len(served["image"][0]) > 100  # a base64 PNG from the diffusion cascade
+
+
+def test_the_unet_backbone_trains_through_the_same_stage(smoke_diffusion, tmp_path):
+    from components import diffusion
+    from models.diffusion import load_diffusion
+
+    d, art = smoke_diffusion, smoke_diffusion.art
+    cfg = load_config(REPO / "params.yaml", "smoke", {**DIFFUSION, "diffusion.base.backbone": "unet"})
+    result = diffusion.run_base(cfg, d.tokens, art.features, d.tokenizer, art.validate, tmp_path / "base",
+                                tmp_path / "ckpt", phases=("pixel",))
+    model = load_diffusion(tmp_path / "base")
+    assert type(model.net).__name__ == "UNet2DConditionModel" and result.metrics["pixel.final_loss"] > 0
