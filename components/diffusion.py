@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from components.config import CascadeConfig, DiffusionSamplerConfig, GeneratorTrainConfig, PhaseConfig
 from components.errors import BadInputError, StageError
 from components.features import FeatureStore
-from components.generator import BatchDataset, GeneratorResult, evaluate_prompts, hash_seed, open_stores, whole_batch
+from components.generator import (BatchDataset, GeneratorResult, evaluate_prompts, fit_generator, hash_seed,
+                                  open_stores)
 from components.images import ShardImageDataset
 from components.io import frame_digest, read_accepted, write_json
 from components.tokens import TokenStore
-from components.training import adamw_warmup_cosine, code_digest, fingerprint, fit
+from components.training import adamw_warmup_cosine, code_digest, fingerprint
 
 PHASES_DIR = "phases"
 REPORT_FILES = ("diffusion.json", "samples.png", "samples.txt", "checker.md")
@@ -160,13 +161,7 @@ def _train(stage: str, spec, loop: GeneratorTrainConfig, dataset, ckpt_dir: Path
     module = _lightning_module()(spec.to_dict(), asdict(loop), stage, text, aug_max)
     if init is not None:
         module.model.load_state_dict(init.state_dict())
-    extra = list(callbacks or [])
-    if loop.ema_decay > 0:
-        from lightning.pytorch.callbacks import EMAWeightAveraging
-
-        extra.append(EMAWeightAveraging(decay=loop.ema_decay))
-    result = fit(stage, module, dataset, loop, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint, logger=logger,
-                 callbacks=extra, collate_fn=whole_batch, gradient_clip_val=loop.grad_clip or None)
+    result = fit_generator(stage, module, dataset, loop, ckpt_dir, run_fingerprint, logger, callbacks)
     if result.trainer.global_rank != 0:
         return None, {}
     model = module.model.eval().float().cpu()

@@ -150,6 +150,19 @@ def hash_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def fit_generator(stage: str, module, dataset, t: GeneratorTrainConfig, ckpt_dir: Path, run_fingerprint: str,
+                  logger=None, callbacks: list | None = None):
+    """components.training.fit for a generator of either family: batches from __getitems__, gradient
+    clipping and the optional EMA of weights from the training config."""
+    extra = list(callbacks or [])
+    if t.ema_decay > 0:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        extra.append(EMAWeightAveraging(decay=t.ema_decay))
+    return fit(stage, module, dataset, t, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint, logger=logger,
+               callbacks=extra, collate_fn=whole_batch, gradient_clip_val=t.grad_clip or None)
+
+
 @dataclass(frozen=True)
 class TrainedGenerator:
     model: object  # models.masked_transformer.MaskedTransformer, eval mode, on CPU (rank 0) or None
@@ -180,13 +193,7 @@ def train(cfg: GeneratorConfig, which: str, tokens_dir: Path, features_dir: Path
 
     L.seed_everything(t.seed, workers=True, verbose=False)  # identical initialisation on every rank
     module = _lightning_module()(spec.to_dict(), asdict(t), which)
-    extra_callbacks = list(callbacks or [])
-    if t.ema_decay > 0:
-        from lightning.pytorch.callbacks import EMAWeightAveraging
-
-        extra_callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
-    result = fit(which, module, dataset, t, ckpt_dir=ckpt_dir, run_fingerprint=run_fingerprint, logger=logger,
-                 callbacks=extra_callbacks, collate_fn=whole_batch, gradient_clip_val=t.grad_clip or None)
+    result = fit_generator(which, module, dataset, t, ckpt_dir, run_fingerprint, logger, callbacks)
     if result.trainer.global_rank != 0:
         return TrainedGenerator(None, {})
     model = module.model.eval().float().cpu()
