@@ -117,8 +117,7 @@ def tracked(
         node = getattr(node, part)
     params = {f"{section}.{k}": v for k, v in flatten(to_dict(node)).items()}
     params["profile"] = cfg.profile
-    if hasattr(cfg, "generator"):
-        params["generator.family"] = cfg.generator.family
+    params["generator.family"] = cfg.generator.family
     with tracking.stage_run(run_name or stage, cfg.tracking.experiment, cfg.profile, params, parent_run_id):
         try:
             result = call()

@@ -94,6 +94,14 @@ class SmokeCascade:
     base_metrics: dict
     superres_metrics: dict
 
+    @property
+    def cfg(self):
+        return self.art.cfg
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.art.tokenizer
+
 
 @pytest.fixture(scope="session")
 def smoke_cascade(smoke_artifacts, tmp_path_factory) -> SmokeCascade:

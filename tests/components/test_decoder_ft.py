@@ -32,10 +32,11 @@ class TinyFeatures(nn.Module):
         return self.conv(x).relu().mean(dim=(2, 3))
 
 
-def run_stage(cascade, out, ckpt, **kw):
-    art = cascade.art
-    args = dict(cfg=art.cfg, data_dir=art.data, validate_dir=art.validate, tokens_dir=cascade.tokens,
-                tokenizer_dir=art.tokenizer, base_dir=cascade.base, superres_dir=cascade.superres,
+def run_stage(trained, out, ckpt, **kw):
+    """decoder_ft.run on a trained smoke cascade of either family (smoke_cascade or smoke_diffusion)."""
+    art = trained.art
+    args = dict(cfg=trained.cfg, data_dir=art.data, validate_dir=art.validate, tokens_dir=trained.tokens,
+                tokenizer_dir=trained.tokenizer, base_dir=trained.base, superres_dir=trained.superres,
                 out_dir=out, ckpt_dir=ckpt)
     return decoder_ft.run(**{**args, **kw})
 
@@ -167,14 +168,6 @@ def test_missing_or_corrupt_inputs(smoke_cascade, tmp_path):
 
 # --- the diffusion family: the base KL-VAE's decoder on the base latents ---------------------------
 
-def run_diffusion_stage(diffusion, out, ckpt, **kw):
-    art = diffusion.art
-    args = dict(cfg=diffusion.cfg, data_dir=art.data, validate_dir=art.validate, tokens_dir=diffusion.tokens,
-                tokenizer_dir=diffusion.tokenizer, base_dir=diffusion.base, superres_dir=diffusion.superres,
-                out_dir=out, ckpt_dir=ckpt)
-    return decoder_ft.run(**{**args, **kw})
-
-
 def _diffusion_digests(diffusion) -> dict:
     from models.diffusion import diffusion_digest
 
@@ -186,7 +179,7 @@ def _diffusion_digests(diffusion) -> dict:
 def finetuned_vae(smoke_diffusion, tmp_path_factory):
     root = tmp_path_factory.mktemp("decoder_ft_diffusion")
     before = _diffusion_digests(smoke_diffusion)
-    result = run_diffusion_stage(smoke_diffusion, root / "out", root / "ckpt", feature_module=TinyFeatures())
+    result = run_stage(smoke_diffusion, root / "out", root / "ckpt", feature_module=TinyFeatures())
     return result, before
 
 
@@ -245,7 +238,7 @@ def test_diffusion_family_metrics_and_report(smoke_diffusion, finetuned_vae):
 def test_diffusion_family_refuses_a_vqgan(smoke_diffusion, tmp_path):
     vqgan_dir = smoke_diffusion.art.tokenizer  # the masked family's tokenizers (base is a VQGAN)
     with pytest.raises(BadInputError, match="tokenizer.json: a vqgan tokenizer; .*set tokenizer.kind: kl") as e:
-        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", tokenizer_dir=vqgan_dir)
+        run_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", tokenizer_dir=vqgan_dir)
     assert "\n" not in str(e.value) and str(vqgan_dir / "base") in str(e.value)
 
 
@@ -257,10 +250,10 @@ def test_diffusion_base_model_trained_on_other_latents_is_refused(smoke_diffusio
     (base / "diffusion.json").write_text(json.dumps(meta))
     with pytest.raises(BadInputError, match="base diffusion model was trained on other latents than .*re-run the base"
                        ) as e:
-        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", base_dir=base)
+        run_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", base_dir=base)
     assert "\n" not in str(e.value) and str(base) in str(e.value)
     with pytest.raises(BadInputError, match="diffusion.json: missing"):
-        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", base_dir=tmp_path / "nowhere")
+        run_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", base_dir=tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("what", ["encoder", "superres model"])
@@ -283,7 +276,7 @@ def test_diffusion_family_frozen_part_changed_fails(smoke_diffusion, tmp_path, w
 
     match = "super-res diffusion model" if what == "superres model" else "encoder and quant_conv"
     with pytest.raises(StageError, match=f"decoder_ft: frozen {match}.* changed") as e:
-        run_diffusion_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", superres_dir=superres,
+        run_stage(smoke_diffusion, tmp_path / "out", tmp_path / "ckpt", superres_dir=superres,
                             callbacks=[Tamper()])
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out" / "tokenizer.safetensors").exists()
