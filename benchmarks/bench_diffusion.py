@@ -34,12 +34,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_generator import timed_steps  # noqa: E402
-from benchmarks.common import machine, replace_section  # noqa: E402
+from benchmarks.common import OnlineInputs, machine, replace_section  # noqa: E402
 from components.config import load_config  # noqa: E402
 from components.diffusion import LatentTextDataset, base_spec, latent_statistics  # noqa: E402
 from components.generator import open_stores  # noqa: E402
 from components.images import ShardImageDataset  # noqa: E402
-from components.io import read_accepted  # noqa: E402
 
 TRAINING_STAGES = ("tokenizer", "base", "superres", "decoder_ft")
 
@@ -66,14 +65,13 @@ def make_step(cfg, spec):
     return step
 
 
-def online_batch(keys, images, index_of, captions, vae, encoder, spec) -> dict:
+def online_batch(keys: list[str], online: OnlineInputs, spec) -> dict:
     """What training would do without the tokens and features stages."""
     from models.diffusion import from_latents
 
-    pixels = torch.stack([images[index_of[k]] for k in keys])  # decode + resize from the shards
     with torch.no_grad():
-        x0 = from_latents(spec, vae.encode(pixels))
-    text, mask = encoder.encode([captions[k] for k in keys])
+        x0 = from_latents(spec, online.tokenizer.encode(online.pixels(keys)))
+    text, mask = online.text(keys)
     return {"x0": x0, "text": text, "text_mask": mask}
 
 
@@ -180,8 +178,6 @@ def main() -> None:
 
     from components.diffusion import load_for_inference
     from models.diffusion_cascade import DiffusionCascadeSettings
-    from models.text_encoder import FrozenTextEncoder
-    from models.tokenizer import load_tokenizer
 
     cfg = load_config(args.params, args.profile)
     if cfg.generator.family != "diffusion":
@@ -192,13 +188,7 @@ def main() -> None:
     shift, scale = latent_statistics(tokens, keys)
     spec = base_spec(cfg, tokens, features, shift, scale)
     dataset = LatentTextDataset(tokens, features, keys, shift, scale)
-    accepted = read_accepted(art / "validate", ["key", "shard", "image_member", "sha256", "split", "caption"])
-    images = ShardImageDataset(art / "data", accepted, cfg.tokenizer.base.resolution)
-    index_of = {k: i for i, k in enumerate(accepted["key"])}
-    captions = dict(zip(accepted["key"], accepted["caption"]))
-    vae = load_tokenizer(art / "tokenizer" / "base")
-    enc = cfg.features.encoder
-    encoder = FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length)
+    inputs = OnlineInputs(cfg, art)
 
     batch_size = cfg.diffusion.base.train.batch_size
     rng = np.random.default_rng(0)
@@ -209,14 +199,14 @@ def main() -> None:
     pre, online = [], []
     for _ in range(args.repeats):
         pre.append(timed_steps(step, [lambda i=i: dataset.__getitems__(i) for i in pre_idx]))
-        online.append(timed_steps(step, [lambda b=b: online_batch(b, images, index_of, captions, vae, encoder, spec)
+        online.append(timed_steps(step, [lambda b=b: online_batch(b, inputs, spec)
                                    for b in batch_keys]))
     pre_s, online_s = min(pre) / args.steps, min(online) / args.steps
 
     decoder = art / "decoder_ft"
     cascade = load_for_inference(cfg, art / "base", art / "superres", art / "tokenizer",
                                  decoder if (decoder / "tokenizer.json").is_file() else None)
-    test = accepted[accepted["split"] == "test"]["caption"].tolist()
+    test = inputs.accepted[inputs.accepted["split"] == "test"]["caption"].tolist()
     n = args.batch * args.sample_batches
     prompts = (test * (1 + n // max(len(test), 1)))[:n]
     s = cascade.settings

@@ -26,11 +26,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, replace_section  # noqa: E402
+from benchmarks.common import OnlineInputs, machine, replace_section  # noqa: E402
 from components.config import load_config  # noqa: E402
 from components.generator import TokenTextDataset, draw_masks, open_stores, spec_for  # noqa: E402
-from components.images import ShardImageDataset  # noqa: E402
-from components.io import read_accepted  # noqa: E402
 
 
 def make_step(cfg, spec):
@@ -54,12 +52,11 @@ def make_step(cfg, spec):
     return step
 
 
-def online_batch(keys: list[str], images: ShardImageDataset, index_of: dict, captions: dict, tokenizer, encoder) -> dict:
+def online_batch(keys: list[str], online: OnlineInputs) -> dict:
     """What training would do without the tokens and features stages."""
-    pixels = torch.stack([images[index_of[k]] for k in keys])  # decode + resize from the shards
     with torch.no_grad():
-        tokens = tokenizer.encode(pixels).flatten(1)
-    text, mask = encoder.encode([captions[k] for k in keys])
+        tokens = online.tokenizer.encode(online.pixels(keys)).flatten(1)
+    text, mask = online.text(keys)
     return {"tokens": tokens, "text": text, "text_mask": mask}
 
 
@@ -82,8 +79,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from components.superres import load_for_inference
-    from models.text_encoder import FrozenTextEncoder
-    from models.tokenizer import load_tokenizer
 
     cfg = load_config(REPO / "params.yaml", args.profile)
     art = args.artifacts
@@ -91,13 +86,7 @@ def main() -> None:
     spec = spec_for(cfg.base, tokens, features, "base")
     keys = tokens.keys[tokens.keys["split"] == "train"]["key"].tolist()
     dataset = TokenTextDataset(tokens, features, keys, "base")
-    accepted = read_accepted(art / "validate", ["key", "shard", "image_member", "sha256", "split", "caption"])
-    images = ShardImageDataset(art / "data", accepted, cfg.tokenizer.base.resolution)
-    index_of = {k: i for i, k in enumerate(accepted["key"])}
-    captions = dict(zip(accepted["key"], accepted["caption"]))
-    tokenizer = load_tokenizer(art / "tokenizer" / "base")
-    enc = cfg.features.encoder
-    encoder = FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length)
+    inputs = OnlineInputs(cfg, art)
 
     rng = np.random.default_rng(0)
     batch_keys = [[keys[i] for i in rng.integers(0, len(keys), cfg.base.train.batch_size)] for _ in range(args.steps)]
@@ -107,12 +96,12 @@ def main() -> None:
     pre, online = [], []
     for _ in range(args.repeats):
         pre.append(timed_steps(step, [lambda i=i: dataset.__getitems__(i) for i in pre_idx]))
-        online.append(timed_steps(step, [lambda b=b: online_batch(b, images, index_of, captions, tokenizer, encoder)
+        online.append(timed_steps(step, [lambda b=b: online_batch(b, inputs)
                                          for b in batch_keys]))
     pre_s, online_s = min(pre) / args.steps, min(online) / args.steps
 
     cascade = load_for_inference(cfg, art / "base", art / "superres", art / "tokenizer")
-    test = accepted[accepted["split"] == "test"]["caption"].tolist()
+    test = inputs.accepted[inputs.accepted["split"] == "test"]["caption"].tolist()
     prompts = (test * (1 + args.batch * args.sample_batches // max(len(test), 1)))[:args.batch * args.sample_batches]
     cascade.generate(prompts[:2], seed=0)  # warm-up
     start = time.perf_counter()

@@ -32,3 +32,31 @@ def replace_section(path: Path, name: str, body_lines: list[str]) -> str:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
     return block
+
+
+class OnlineInputs:
+    """What generator training would read without the tokens and features stages: base-resolution
+    pixels decoded from the shards, the base tokenizer, and captions through the frozen text encoder.
+    The baseline of the precompute benchmarks (bench_generator, bench_diffusion)."""
+
+    def __init__(self, cfg, artifacts: Path):
+        from components.images import ShardImageDataset
+        from components.io import read_accepted
+        from models.text_encoder import FrozenTextEncoder
+        from models.tokenizer import load_tokenizer
+
+        self.accepted = accepted = read_accepted(artifacts / "validate",
+                                                 ["key", "shard", "image_member", "sha256", "split", "caption"])
+        self.images = ShardImageDataset(artifacts / "data", accepted, cfg.tokenizer.base.resolution)
+        self.index_of = {k: i for i, k in enumerate(accepted["key"])}
+        self.captions = dict(zip(accepted["key"], accepted["caption"]))
+        self.tokenizer = load_tokenizer(artifacts / "tokenizer" / "base")
+        enc = cfg.features.encoder
+        self.encoder = FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length)
+
+    def pixels(self, keys: list[str]) -> torch.Tensor:
+        """[B,3,R,R]: decode + resize from the shards."""
+        return torch.stack([self.images[self.index_of[k]] for k in keys])
+
+    def text(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.encode([self.captions[k] for k in keys])
