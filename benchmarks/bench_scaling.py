@@ -152,7 +152,7 @@ def tokenizer_counts(cfg, which: str) -> dict:
     """VQGAN training step (GAN off / on) and encode (tokens stage), per image."""
     from components import tokenizer as stage
 
-    t, out = cfg.tokenizer.train, {}
+    t, out = cfg.tokenizer.train_for(which), {}
     full = stage.spec_for(cfg.tokenizer, which)
     by = {"train": {}, "train_gan": {}, "encode": {}}
     module = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -87,6 +88,7 @@ class TokenizerModelConfig:
     codebook_dim: int  # vqgan lookup-space dim (ViT-VQGAN factorised codes); 0 = latent_channels
     quantizer: Literal["euclidean", "l2"]  # vqgan nearest-code lookup: Euclidean or cosine
     mid_attention: bool  # self-attention in the encoder/decoder mid blocks
+    train_steps: Optional[int]  # this tokenizer's step budget; null = tokenizer.train.steps
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -132,6 +134,11 @@ class TokenizerConfig:
     train: TokenizerTrainConfig
     perceptual: PerceptualConfig
     eval_images: int  # validation images scored for PSNR/L1/usage (and shown in grids)
+
+    def train_for(self, which: str) -> TokenizerTrainConfig:
+        """The training loop of one tokenizer: the shared `train` with its own step budget, if set."""
+        steps = getattr(self, which).train_steps
+        return self.train if steps is None else replace(self.train, steps=steps)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -603,6 +610,11 @@ def _check_across_sections(cfg: CascadeConfig, source: str) -> None:
     if not (0.0 <= aug.sample <= 1.0 and 0.0 <= aug.train_max <= 1.0):
         raise ConfigError(f"{source}: diffusion.superres.noise_aug: levels are fractions of the schedule in [0, 1], "
                           f"got train_max {aug.train_max}, sample {aug.sample}")
+    for which in ("base", "superres"):
+        steps = getattr(cfg.tokenizer, which).train_steps
+        if steps is not None and steps < 1:
+            raise ConfigError(f"{source}: tokenizer.{which}.train_steps: must be >= 1 or null (= tokenizer.train.steps), "
+                              f"got {steps}")
     if cfg.inference.candidates < 1:
         raise ConfigError(f"{source}: inference.candidates: must be >= 1 (1 = no rejection sampling)")
     if not 0.0 < cfg.inference.touchup.strength <= 1.0:

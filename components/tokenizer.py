@@ -157,7 +157,7 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
 
     from models.tokenizer import save_tokenizer
 
-    t = cfg.train
+    t = cfg.train_for(which)
     spec = spec_for(cfg, which)
     train_rows = _split(accepted, "train")
     if len(train_rows) == 0:

@@ -22,6 +22,13 @@ def test_profiles_overlay_the_base_values():
     assert smoke.validate == tiny.validate
 
 
+def test_a_tokenizer_without_its_own_step_budget_uses_the_shared_one():
+    tiny = load_config(PARAMS, "tiny").tokenizer
+    assert tiny.train_for("base").steps == tiny.base.train_steps != tiny.train.steps
+    assert tiny.superres.train_steps is None and tiny.train_for("superres") == tiny.train
+    assert tiny.train_for("base").lr == tiny.train.lr  # only the budget differs
+
+
 def test_default_profile_comes_from_params_yaml():
     assert load_config(PARAMS).profile == "tiny"
 
@@ -31,7 +38,8 @@ def test_default_profile_comes_from_params_yaml():
     (("    max_length: 32\n", ""), r"features\.encoder\.max_length: missing key"),
     (("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3"), r"profiles\.tiny\.data\.shard_sise: unknown key"),
     (("shard_size: 1000", "shard_size: lots"), r"data\.shard_size: .*'lots'"),
-], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type"])
+    (("    train_steps: null      # null", "    train_steps: 0      # null"), r"tokenizer\.superres\.train_steps: must be >= 1"),
+], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type", "zero-tokenizer-steps"])
 def test_bad_params_fail_at_load_with_the_full_key_path(edit, message):
     text = PARAMS.read_text()
     assert edit[0] in text  # the edit must really change params.yaml

@@ -85,6 +85,17 @@ def test_a_finished_run_is_not_repeated_and_a_changed_config_starts_afresh(smoke
     assert metrics["resumed_from_step"] == 0
 
 
+def test_a_tokenizers_own_step_budget_replaces_the_shared_one(smoke_artifacts, tmp_path):
+    art = smoke_artifacts
+    cfg = art.cfg.tokenizer
+    cfg = replace(cfg, train=replace(cfg.train, steps=4, checkpoint_every=2), base=replace(cfg.base, train_steps=6))
+    assert cfg.train_for("superres").steps == 4
+    tokenizer.train_one(cfg, "base", art.data, tokenizer.read_accepted(art.validate), tmp_path / "out",
+                        tmp_path / "ckpt")
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)  # ours
+    assert saved["global_step"] == 6
+
+
 def test_missing_accepted_manifest_says_what_to_run(tmp_path, smoke_artifacts):
     from components.errors import BadInputError
 
