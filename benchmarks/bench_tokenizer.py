@@ -70,8 +70,9 @@ def main() -> None:
     cfg = load_config(REPO / "params.yaml", args.profile)
     tcfg = replace(cfg.tokenizer, train=replace(cfg.tokenizer.train, steps=args.steps, disc_start=10**9,
                                                   checkpoint_every=max(1, args.steps // 2), restart_every=0))
-    # --steps is the budget of both loops: drop a tokenizer's own train_steps
-    tcfg = replace(tcfg, **{which: replace(getattr(tcfg, which), train_steps=None) for which in tokenizer.WHICH})
+    # --steps is the budget of both loops, and the plain loop does not augment: drop the stage's own settings
+    tcfg = replace(tcfg, train=replace(tcfg.train, augment=()),
+                   **{which: replace(getattr(tcfg, which), train_steps=None, augment=None) for which in tokenizer.WHICH})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data.run(cfg.data, work / "data")

@@ -89,6 +89,7 @@ class TokenizerModelConfig:
     quantizer: Literal["euclidean", "l2"]  # vqgan nearest-code lookup: Euclidean or cosine
     mid_attention: bool  # self-attention in the encoder/decoder mid blocks
     train_steps: Optional[int]  # this tokenizer's step budget; null = tokenizer.train.steps
+    augment: Optional[tuple[Literal["channel_permute", "hflip"], ...]]  # its own; null = tokenizer.train.augment
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -117,6 +118,7 @@ class TokenizerTrainConfig(TrainLoopConfig):
     disc_weight: float
     disc_lr: float
     restart_every: int  # dead-code restart interval in steps (vqgan; none in the last 10%); 0 = off
+    augment: tuple[Literal["channel_permute", "hflip"], ...]  # components.images.augment, on training batches
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -136,9 +138,11 @@ class TokenizerConfig:
     eval_images: int  # validation images scored for PSNR/L1/usage (and shown in grids)
 
     def train_for(self, which: str) -> TokenizerTrainConfig:
-        """The training loop of one tokenizer: the shared `train` with its own step budget, if set."""
-        steps = getattr(self, which).train_steps
-        return self.train if steps is None else replace(self.train, steps=steps)
+        """The training loop of one tokenizer: the shared `train` with its own step budget and
+        augmentation where it sets them."""
+        own = getattr(self, which)
+        overrides = {"steps": own.train_steps, "augment": own.augment}
+        return replace(self.train, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -52,6 +52,31 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+AUGMENTATIONS = ("channel_permute", "hflip")
+
+
+def augment(images: torch.Tensor, ops: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Label-free training augmentation, drawn per image from torch's global RNG; [B, 3, H, W] in and out.
+
+    channel_permute: the RGB channels in one of the 6 orders, uniformly. Hues change while shapes and
+    edges stay, so colour-shape pairs that never occur in train are not foreign to a tokenizer.
+    hflip: mirrored left-right with probability 1/2.
+    """
+    unknown = [op for op in ops if op not in AUGMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown[0]!r}; expected one of {list(AUGMENTATIONS)}")
+    batch = images.shape[0]
+    if "channel_permute" in ops:
+        if images.shape[1] != 3:
+            raise ValueError(f"channel_permute needs RGB images [B, 3, H, W], got {tuple(images.shape)}")
+        order = torch.rand(batch, 3, device=images.device).argsort(dim=1)  # [B, 3]: a uniform permutation
+        images = images.gather(1, order[:, :, None, None].expand_as(images))
+    if "hflip" in ops:
+        flip = torch.rand(batch, device=images.device) < 0.5  # [B]
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    return images
+
+
 def save_tiled(images: np.ndarray, path: Path, columns: int = 8) -> Path:
     """[N, H, W, 3] uint8 tiled row-major into one PNG with 2-pixel white gutters."""
     n, h, w, _ = images.shape

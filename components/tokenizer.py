@@ -28,7 +28,7 @@ import torch
 
 from components.config import CascadeConfig, TokenizerConfig, TokenizerTrainConfig
 from components.errors import BadInputError, StageError
-from components.images import ShardImageDataset, save_tiled, to_uint8
+from components.images import ShardImageDataset, augment, save_tiled, to_uint8
 from components.io import ACCEPTED_FILE, frame_digest, write_json
 from components.io import read_accepted as _read_accepted
 from components.stage import TrackedInput, tracked
@@ -99,6 +99,7 @@ def _lightning_module():
 
         def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
             t = self.train_cfg
+            images = augment(images, t.augment) if t.augment else images
             out = self.tokenizer(images)  # recon [B,3,R,R]
             rec = t.l1_weight * (out.recon - images).abs().mean() + t.l2_weight * (out.recon - images).pow(2).mean()
             if self.perceptual is not None and self.hparams.perceptual_weight > 0:
@@ -164,11 +165,13 @@ def train_one(cfg: TokenizerConfig, which: str, data_dir: Path, accepted: pd.Dat
         raise BadInputError("tokenizer: no accepted items in the train split")
     dataset = ShardImageDataset(data_dir, train_rows, spec.resolution)
     perceptual = (cfg.perceptual.weights, cfg.perceptual.weight)
+    import components.images
     import models.discriminator
     import models.losses
     import models.tokenizer
 
-    code = code_digest(models.tokenizer, models.discriminator, models.losses, sys.modules[__name__])
+    # components.images: the dataset and the augmentation feed training
+    code = code_digest(models.tokenizer, models.discriminator, models.losses, components.images, sys.modules[__name__])
     run_fingerprint = fingerprint(spec=spec.to_dict(), train=asdict(t), perceptual=perceptual,
                                   data=frame_digest(train_rows[["key", "sha256"]]), code=code)
 

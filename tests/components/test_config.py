@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from components.config import PROFILES, ConfigError, load_config
@@ -22,11 +24,14 @@ def test_profiles_overlay_the_base_values():
     assert smoke.validate == tiny.validate
 
 
-def test_a_tokenizer_without_its_own_step_budget_uses_the_shared_one():
+def test_a_tokenizer_without_its_own_step_budget_or_augmentation_uses_the_shared_one():
     tiny = load_config(PARAMS, "tiny").tokenizer
-    assert tiny.train_for("base").steps == tiny.base.train_steps != tiny.train.steps
-    assert tiny.superres.train_steps is None and tiny.train_for("superres") == tiny.train
-    assert tiny.train_for("base").lr == tiny.train.lr  # only the budget differs
+    base, superres = tiny.train_for("base"), tiny.train_for("superres")
+    assert base.steps == tiny.base.train_steps != tiny.train.steps
+    assert tiny.base.augment is None and base.augment == tiny.train.augment == ("channel_permute",)
+    assert tiny.superres.train_steps is None and superres.steps == tiny.train.steps
+    assert superres.augment == tiny.superres.augment == ()  # an empty list overrides; only null inherits
+    assert replace(base, steps=tiny.train.steps) == tiny.train  # nothing else differs
 
 
 def test_default_profile_comes_from_params_yaml():
@@ -39,7 +44,9 @@ def test_default_profile_comes_from_params_yaml():
     (("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3"), r"profiles\.tiny\.data\.shard_sise: unknown key"),
     (("shard_size: 1000", "shard_size: lots"), r"data\.shard_size: .*'lots'"),
     (("    train_steps: null      # null", "    train_steps: 0      # null"), r"tokenizer\.superres\.train_steps: must be >= 1"),
-], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type", "zero-tokenizer-steps"])
+    (("    augment: [channel_permute]", "    augment: [rotate]"), r"tokenizer\.train\.augment\.0: .*'rotate'"),
+], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type", "zero-tokenizer-steps",
+        "unknown-augmentation"])
 def test_bad_params_fail_at_load_with_the_full_key_path(edit, message):
     text = PARAMS.read_text()
     assert edit[0] in text  # the edit must really change params.yaml

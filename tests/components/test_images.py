@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from components.errors import BadInputError
-from components.images import ShardImageDataset, square_resize, to_tensor, to_uint8
+from components.images import ShardImageDataset, augment, square_resize, to_tensor, to_uint8
 from components.io import Sample, ShardWriter, read_manifest
 
 
@@ -59,3 +59,31 @@ def test_missing_shard_or_member_is_a_clear_error(dataset_dir):
     manifest = manifest.head(2).assign(image_member="nope.png")
     with pytest.raises(BadInputError, match="no member 'nope.png'"):
         ShardImageDataset(root, manifest, 16)
+
+
+def test_channel_permute_draws_all_six_channel_orders_per_image_and_keeps_each_images_pixels():
+    torch.manual_seed(0)
+    images = torch.rand(600, 3, 4, 4)
+    out = augment(images, ["channel_permute"])
+    orders = set()
+    for before, after in zip(images, out):
+        order = tuple(int((before == c).all(dim=(1, 2)).nonzero()[0]) for c in after)  # source channel of each
+        orders.add(order)
+    assert orders == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)}
+    assert torch.equal(out.sort(dim=1).values, images.sort(dim=1).values)  # only the channel order changed
+
+
+def test_hflip_mirrors_about_half_the_images_and_leaves_the_rest():
+    torch.manual_seed(0)
+    images = torch.rand(400, 3, 2, 5)
+    out = augment(images, ["hflip"])
+    flipped = (out == images.flip(-1)).flatten(1).all(1)
+    kept = (out == images).flatten(1).all(1)
+    assert bool((flipped ^ kept).all()) and 150 < int(flipped.sum()) < 250
+
+
+def test_augment_refuses_unknown_ops_and_non_rgb_images():
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
+        augment(torch.zeros(1, 3, 2, 2), ["rotate"])
+    with pytest.raises(ValueError, match="channel_permute needs RGB"):
+        augment(torch.zeros(1, 1, 2, 2), ["channel_permute"])

@@ -96,6 +96,40 @@ def test_a_tokenizers_own_step_budget_replaces_the_shared_one(smoke_artifacts, t
     assert saved["global_step"] == 6
 
 
+def test_training_batches_go_through_the_configured_augmentation(smoke_artifacts, tmp_path, monkeypatch):
+    from models.tokenizer import ImageTokenizer
+
+    art = smoke_artifacts
+    ops_seen, loaded, tokenizer_inputs = [], [], []
+    load, forward = tokenizer.ShardImageDataset.__getitem__, ImageTokenizer.forward
+
+    def recording_augment(images, ops):
+        ops_seen.append(tuple(ops))
+        return images.flip(1)  # a change the tokenizer must receive
+
+    def recording_load(self, index):
+        loaded.append(load(self, index))
+        return loaded[-1]
+
+    def recording_forward(self, images):
+        tokenizer_inputs.append(images.clone())
+        return forward(self, images)
+
+    monkeypatch.setattr(tokenizer, "augment", recording_augment)
+    monkeypatch.setattr(tokenizer.ShardImageDataset, "__getitem__", recording_load)
+    monkeypatch.setattr(ImageTokenizer, "forward", recording_forward)
+    cfg = art.cfg.tokenizer
+    for ops, steps in ((("channel_permute",), 3), ((), 2)):
+        ops_seen.clear(), loaded.clear(), tokenizer_inputs.clear()
+        run_cfg = replace(cfg, base=replace(cfg.base, train_steps=None, augment=None),
+                          train=replace(cfg.train, steps=steps, checkpoint_every=steps, augment=ops))
+        tokenizer.train_one(run_cfg, "base", art.data, tokenizer.read_accepted(art.validate),
+                            tmp_path / f"out{steps}", tmp_path / f"ckpt{steps}")
+        assert ops_seen == [ops] * (steps if ops else 0)
+        first_batch = torch.stack(loaded[:run_cfg.train.batch_size])
+        assert torch.equal(tokenizer_inputs[0], first_batch.flip(1) if ops else first_batch)
+
+
 def test_missing_accepted_manifest_says_what_to_run(tmp_path, smoke_artifacts):
     from components.errors import BadInputError
 
