@@ -43,6 +43,51 @@ def sigkill_after_checkpoint(script: Path, checkpoint: Path, timeout: float = 12
     return proc.wait()
 
 
+def free_port() -> int:
+    """A free local port below the kernel's ephemeral range.
+
+    bind(0) hands out an ephemeral port, which a rank still retrying its connection can be given as
+    its own source port: it then connects to itself (TCP self-connect) before the server listens,
+    fails, and leaves the other rank waiting in the process group."""
+    import random
+    import socket
+
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral_low = int(range_file.read_text().split()[0]) if range_file.exists() else 32768
+    low, high = min(20000, ephemeral_low // 2), ephemeral_low
+    for port in random.sample(range(low, high), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def communicate_all(procs: list, timeout: float) -> list[str]:
+    """The outputs of processes that must finish together (DDP ranks). If one is still running after
+    `timeout` seconds (a rank died and the others wait for it), all are killed and the failure shows
+    every process's output; none is left behind."""
+    import subprocess
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        outputs = [proc.communicate(timeout=max(deadline - time.time(), 0.1))[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        tails = [f"--- process {i} (exit {proc.wait()}):\n{(proc.communicate()[0] or '')[-3000:]}"
+                 for i, proc in enumerate(procs)]
+        pytest.fail(f"processes still running after {timeout:.0f} s; killed\n" + "\n".join(tails))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    return outputs
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A private MLflow store for one test, so tests never write the repo's mlflow.db."""

@@ -2,11 +2,10 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, communicate_all, free_port
 
 WORKER = """
 import json, sys
@@ -36,17 +35,11 @@ generator.train(cfg, "base", Path({tokens!r}), Path({features!r}), Path({out!r})
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_draw_different_masks_and_keep_identical_weights(smoke_cascade, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(repo=str(REPO), params=str(REPO / "params.yaml"), tokens=str(smoke_cascade.tokens),
                                     features=str(smoke_cascade.art.features), out=str(tmp_path)))
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         # what torchrun sets: Lightning sees externally launched processes and joins them with gloo
@@ -54,7 +47,7 @@ def test_two_ranks_draw_different_masks_and_keep_identical_weights(smoke_cascade
                "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = communicate_all(procs, timeout=300)
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["world"] == r1["world"] == 2

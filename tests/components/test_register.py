@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from PIL import Image
 
 from components import register, tracking
 from components.registry import FAILURE_TAG
+from tests.conftest import free_port
 
 METRICS = {"fid": 80.0, "clip_score": 0.25, "checker_single": 0.3, "checker_pair": 0.1, "fid.guidance_4": 95.0}
 CHAMPION_URI = "models:/cascade-smoke@champion"
@@ -161,12 +161,6 @@ def test_a_nan_or_failed_evaluation_registers_but_never_promotes(smoke_cascade, 
     assert "evaluation failed: evaluator ran out of memory" in tags["cascade.decision_reasons"]
     record = json.loads((tmp_path / "nan" / "register" / register.REGISTRATION_FILE).read_text())
     assert record["decision"] == "rejected" and any("clip_score is nan" in r for r in record["reasons"])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_mlflow_models_serve_answers_a_request(smoke_cascade, tmp_path, mlflow_uri):

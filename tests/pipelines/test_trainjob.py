@@ -11,7 +11,7 @@ from components.config import load_config
 from components.errors import StageError
 from components.stage import Layout
 from pipelines.trainjob import render_trainjob, run_remote_stage, run_trainjob, trainjob_name
-from tests.conftest import REPO
+from tests.conftest import REPO, communicate_all, free_port
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
 
@@ -190,15 +190,6 @@ def test_the_launcher_stages_inputs_on_the_claim_and_returns_rank_zeros_outputs(
         run_remote_stage(cfg, "", "superres", RUN_ID, inputs, tmp_path / "o", tmp_path / "m.json", api=api)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
 def test_two_torchrun_nodes_run_the_stage_as_one_ddp_job_and_only_rank_zero_records_it(
         smoke_cascade, tmp_path, mlflow_uri):
     """What a 2-node TrainJob runs, on this machine: `torchrun --nnodes 2 --no-python cascade stage base --root W`."""
@@ -221,17 +212,13 @@ def test_two_torchrun_nodes_run_the_stage_as_one_ddp_job_and_only_rank_zero_reco
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, tracking.PARENT_RUN_ENV: parent, "OMP_NUM_THREADS": "1",
            "CASCADE_CHECKPOINT_DIR": str(tmp_path / "claim" / parent)}
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen(
         [str(bin_dir / "torchrun"), "--nnodes=2", f"--node-rank={rank}", "--nproc-per-node=1",
          "--master-addr=127.0.0.1", f"--master-port={port}", "--no-python", str(bin_dir / "cascade"),
          "--params", str(params), "--profile", "smoke", "stage", "base", "--root", str(work.root)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    try:
-        logs = [node.communicate(timeout=300)[0] for node in nodes]
-    finally:  # a rank that died leaves the other waiting in the process group: never leave it behind
-        for node in nodes:
-            node.kill()
+    logs = communicate_all(nodes, timeout=300)
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
 
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]  # one DDP job
