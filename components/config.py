@@ -74,6 +74,9 @@ class FeaturesConfig:
     batch_size: int
 
 
+Augmentation = Literal["channel_permute", "hflip"]  # components.images.AUGMENTATIONS (checked by a test)
+
+
 @dataclass(frozen=True, config=_STRICT)
 class TokenizerModelConfig:
     """One tokenizer's architecture (models.tokenizer.TokenizerSpec without the shared fields)."""
@@ -89,7 +92,7 @@ class TokenizerModelConfig:
     quantizer: Literal["euclidean", "l2"]  # vqgan nearest-code lookup: Euclidean or cosine
     mid_attention: bool  # self-attention in the encoder/decoder mid blocks
     train_steps: Optional[int]  # this tokenizer's step budget; null = tokenizer.train.steps
-    augment: Optional[tuple[Literal["channel_permute", "hflip"], ...]]  # its own; null = tokenizer.train.augment
+    augment: Optional[tuple[Augmentation, ...]]  # its own; null = tokenizer.train.augment
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -118,7 +121,7 @@ class TokenizerTrainConfig(TrainLoopConfig):
     disc_weight: float
     disc_lr: float
     restart_every: int  # dead-code restart interval in steps (vqgan; none in the last 10%); 0 = off
-    augment: tuple[Literal["channel_permute", "hflip"], ...]  # components.images.augment, on training batches
+    augment: tuple[Augmentation, ...]  # components.images.augment, on training batches
 
 
 @dataclass(frozen=True, config=_STRICT)

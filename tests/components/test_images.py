@@ -82,6 +82,15 @@ def test_hflip_mirrors_about_half_the_images_and_leaves_the_rest():
     assert bool((flipped ^ kept).all()) and 150 < int(flipped.sum()) < 250
 
 
+def test_the_config_offers_exactly_the_implemented_augmentations():
+    from typing import get_args
+
+    from components.config import Augmentation
+    from components.images import AUGMENTATIONS
+
+    assert get_args(Augmentation) == AUGMENTATIONS
+
+
 def test_augment_refuses_unknown_ops_and_non_rgb_images():
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
         augment(torch.zeros(1, 3, 2, 2), ["rotate"])
