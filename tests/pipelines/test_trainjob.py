@@ -190,6 +190,7 @@ def test_the_launcher_stages_inputs_on_the_claim_and_returns_rank_zeros_outputs(
         run_remote_stage(cfg, "", "superres", RUN_ID, inputs, tmp_path / "o", tmp_path / "m.json", api=api)
 
 
+@pytest.mark.slow
 def test_two_torchrun_nodes_run_the_stage_as_one_ddp_job_and_only_rank_zero_records_it(
         smoke_cascade, tmp_path, mlflow_uri):
     """What a 2-node TrainJob runs, on this machine: `torchrun --nnodes 2 --no-python cascade stage base --root W`."""
