@@ -164,6 +164,7 @@ class GeneratorModelConfig:
     mlp_ratio: float
     dropout: float
     cond_depth: int  # super-res: self-attention layers over the low-res token map; base: 0
+    cond_add: bool  # super-res: also add the low-res features to the image tokens they cover; base: false
 
 
 @dataclass(frozen=True, config=_STRICT)

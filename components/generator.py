@@ -41,9 +41,11 @@ def spec_for(cfg: GeneratorConfig, tokens: TokenStore, features: FeatureStore, w
     cond = {}
     if which == "superres":
         low = tokens.meta["base"]
-        cond = {"cond_codebook_size": low["codebook_size"], "cond_grid": low["grid"], "cond_depth": m.cond_depth}
-    elif m.cond_depth:
-        raise BadInputError(f"base.model.cond_depth must be 0 (a base model has no low-res map), got {m.cond_depth}")
+        cond = {"cond_codebook_size": low["codebook_size"], "cond_grid": low["grid"], "cond_depth": m.cond_depth,
+                "cond_add": m.cond_add}
+    elif m.cond_depth or m.cond_add:
+        raise BadInputError(f"base.model.cond_depth must be 0 and base.model.cond_add false (a base model has no "
+                            f"low-res map), got {m.cond_depth} and {m.cond_add}")
     return MaskedTransformerSpec(
         codebook_size=meta["codebook_size"], grid=meta["grid"], text_dim=features.dim, text_length=features.max_length,
         width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio, dropout=m.dropout, **cond)

@@ -7,6 +7,9 @@
     context = [NULL; projected text tokens; low-res token features]  (super-res, Muse fig. 3:
               the low-res token map is embedded, passed through `cond_depth` self-attention
               layers and concatenated with the text embeddings as cross-attention keys)
+    cond_add: the same low-res features, nearest-upsampled to the image grid, are also added to
+              the image-token embeddings, so each token sees the low-res cell it refines without
+              first learning to find it by attention (ours, not Muse's; see README, Generators)
 
 Text embeddings come from the frozen encoder, are linearly projected and are never masked.
 NULL is one learned context token that is always attended to: dropping the text for
@@ -50,6 +53,7 @@ class MaskedTransformerSpec:
     cond_codebook_size: int = 0  # super-res: the low-res tokenizer's codebook; 0 = a base model
     cond_grid: int = 0  # super-res: low-res token grid side
     cond_depth: int = 0  # super-res: self-attention layers over the low-res token map
+    cond_add: bool = False  # super-res: also add the low-res features to the image tokens they cover
 
     def __post_init__(self):
         def bad(msg: str) -> ValueError:
@@ -68,6 +72,10 @@ class MaskedTransformerSpec:
                       f"got {self.cond_codebook_size} and {self.cond_grid}")
         if self.cond_depth and not self.is_superres:
             raise bad(f"cond_depth {self.cond_depth} needs a low-res token map (cond_grid > 0)")
+        if self.cond_add and not self.is_superres:
+            raise bad("cond_add needs a low-res token map (cond_grid > 0)")
+        if self.cond_add and self.grid % self.cond_grid:
+            raise bad(f"cond_add needs the token grid {self.grid} to be a multiple of the low-res grid {self.cond_grid}")
 
     @property
     def mask_id(self) -> int:
@@ -200,25 +208,41 @@ class MaskedTransformer(nn.Module):
             got = None if cond_tokens is None else list(cond_tokens.shape)
             raise ValueError(f"a super-res model needs cond_tokens [B, {s.cond_grid ** 2}], got {got}")
 
-    def context(self, text: Tensor, text_mask: Tensor, cond_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys [B, 1+L(+M), W] and their mask [B, 1+L(+M)] (True = attend)."""
+    def low_res_features(self, cond_tokens: Tensor) -> Tensor:
+        """cond_tokens [B, M] -> embedded low-res map after the cond blocks [B, M, W]."""
+        c = self.cond_embedding(cond_tokens) + self.cond_position()  # [B,M,W]
+        for block in self.cond_blocks:
+            c = block(c)
+        return c
+
+    def upsample_to_grid(self, c: Tensor) -> Tensor:
+        """[B, M, W] on the low-res grid -> [B, N, W] on the image grid (nearest: each cell covers a block)."""
+        s = self.spec
+        B, _, W = c.shape
+        factor = s.grid // s.cond_grid
+        c = c.view(B, s.cond_grid, 1, s.cond_grid, 1, W).expand(-1, -1, factor, -1, factor, -1)
+        return c.reshape(B, s.n_tokens, W)  # row-major like the token maps
+
+    def context(self, text: Tensor, text_mask: Tensor, low_res: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys [B, 1+L(+M), W] and their mask [B, 1+L(+M)] (True = attend);
+        low_res [B, M, W] from low_res_features (super-res)."""
         B = text.shape[0]
         parts = [self.null_context.expand(B, -1, -1), self.text_proj(text)]  # [B,1,W], [B,L,W]
         masks = [torch.ones(B, 1, dtype=torch.bool, device=text.device), text_mask.bool()]
-        if self.spec.is_superres:
-            c = self.cond_embedding(cond_tokens) + self.cond_position()  # [B,M,W]
-            for block in self.cond_blocks:
-                c = block(c)
-            parts.append(c)
-            masks.append(torch.ones(c.shape[:2], dtype=torch.bool, device=text.device))
+        if low_res is not None:
+            parts.append(low_res)
+            masks.append(torch.ones(low_res.shape[:2], dtype=torch.bool, device=text.device))
         return torch.cat(parts, dim=1), torch.cat(masks, dim=1)
 
     def forward(self, tokens: Tensor, text: Tensor, text_mask: Tensor, cond_tokens: Tensor | None = None) -> Tensor:
         """tokens [B, N] long (MASK = codebook_size), text [B, L, D], text_mask [B, L] bool,
         cond_tokens [B, M] long (super-res) -> logits [B, N, K]."""
         self._check_inputs(tokens, text, text_mask, cond_tokens)
-        context, context_mask = self.context(text, text_mask, cond_tokens)
+        low_res = self.low_res_features(cond_tokens) if self.spec.is_superres else None  # [B,M,W]
+        context, context_mask = self.context(text, text_mask, low_res)
         x = self.token_embedding(tokens) + self.position()  # [B,N,W]
+        if self.spec.cond_add:
+            x = x + self.upsample_to_grid(low_res)
         for block in self.blocks:
             x = block(x, context, context_mask)
         return self.head(self.norm(x))  # [B,N,K]

@@ -340,7 +340,8 @@ def models() -> None:
     for which, tok, cond in (("base", base_tok, {}),
                              ("superres", sr_tok, {"cond_codebook_size": base_tok.codebook_size,
                                                    "cond_grid": base_tok.grid,
-                                                   "cond_depth": cfg.superres.model.cond_depth})):
+                                                   "cond_depth": cfg.superres.model.cond_depth,
+                                                   "cond_add": cfg.superres.model.cond_add})):
         m = getattr(cfg, which).model
         spec = MaskedTransformerSpec(codebook_size=tok.codebook_size, grid=tok.grid,
                                      text_dim=hidden_size(enc.kind, enc.path), text_length=enc.max_length,

@@ -20,6 +20,7 @@ def test_both_generators_are_exported_with_their_tokenizer_contracts(smoke_casca
     assert b.spec.grid == art.cfg.tokenizer.base.resolution // art.cfg.tokenizer.base.downsample
     assert s.spec.codebook_size == art.cfg.tokenizer.superres.codebook_size
     assert (s.spec.cond_codebook_size, s.spec.cond_grid) == (b.spec.codebook_size, b.spec.grid)
+    assert s.spec.cond_add == art.cfg.superres.model.cond_add and not b.spec.cond_add
     meta = json.loads((smoke_cascade.base / "generator.json").read_text())
     assert meta["sample"]["steps"] == art.cfg.base.sample.steps and meta["text_encoder"]["fingerprint"]
     assert not list(smoke_cascade.base.glob("*.ckpt"))  # checkpoints stay out of the outputs
@@ -119,6 +120,9 @@ def test_kl_latents_or_missing_tokens_give_one_line_errors(smoke_cascade, tmp_pa
     art = smoke_cascade.art
     with pytest.raises(BadInputError, match="no precomputed tokens here; run the tokens stage first"):
         generator.train(art.cfg.base, "base", tmp_path / "nowhere", art.features, tmp_path / "o", tmp_path / "c")
+    with_map = replace(art.cfg.base, model=replace(art.cfg.base.model, cond_add=True))
+    with pytest.raises(BadInputError, match="base.model.cond_add false"):
+        generator.train(with_map, "base", smoke_cascade.tokens, art.features, tmp_path / "o", tmp_path / "c")
     big = replace(art.cfg.base, train=replace(art.cfg.base.train, batch_size=10_000))
     with pytest.raises(BadInputError, match="batch_size 10000 exceeds the"):
         generator.train(big, "base", smoke_cascade.tokens, art.features, tmp_path / "o", tmp_path / "c")

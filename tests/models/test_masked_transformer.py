@@ -43,6 +43,23 @@ def test_superres_output_depends_on_the_low_res_map_and_base_has_none():
     assert not hasattr(MaskedTransformer(BASE), "cond_embedding")
 
 
+def test_upsample_gives_each_image_token_the_low_res_cell_it_lies_in():
+    model = MaskedTransformer(SUPERRES)  # 8x8 image grid over a 4x4 low-res grid: 2x2 blocks
+    cells = torch.arange(16.0).view(1, 16, 1).expand(2, -1, 3)  # feature = the cell's row-major index
+    up = model.upsample_to_grid(cells)  # [2, 64, 3]
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    expected = ((rows // 2) * 4 + cols // 2).flatten().float()
+    assert up.shape == (2, 64, 3) and torch.equal(up[1, :, 2], expected)
+
+
+def test_cond_add_adds_no_parameters_and_changes_the_output():
+    added = MaskedTransformerSpec(**{**SUPERRES.to_dict(), "cond_add": True})
+    with_add, without = MaskedTransformer(added).eval(), MaskedTransformer(SUPERRES).eval()
+    without.load_state_dict(with_add.state_dict())  # same tensors: older super-res checkpoints still load
+    inputs = _inputs(SUPERRES)
+    assert not torch.allclose(with_add(*inputs), without(*inputs))
+
+
 def test_dropped_text_leaves_only_the_null_context():
     model = MaskedTransformer(BASE).eval()
     tokens, text, _, _ = _inputs(BASE)
@@ -74,6 +91,8 @@ def test_bad_shapes_fail_with_the_expected_shape():
     (dict(width=30), "not divisible by heads"),
     (dict(cond_grid=4), "both cond_codebook_size and cond_grid"),
     (dict(cond_depth=2), "needs a low-res token map"),
+    (dict(cond_add=True), "cond_add needs a low-res token map"),
+    (dict(grid=6, cond_codebook_size=16, cond_grid=4, cond_add=True), "grid 6 to be a multiple of the low-res grid 4"),
     (dict(depth=0), "depth must be a positive integer"),
 ])
 def test_spec_validation(change, message):
