@@ -6,7 +6,9 @@ outlines keep their shape); foreground components smaller than MIN_AREA_FRACTION
 are specks and ignored. A component's colour is the majority among its confidently coloured
 pixels (within COLOUR_TOLERANCE of a palette colour); a component holding two colours in
 substance (touching objects) is split between them. An object's shape is whichever ideal
-shape (models.shapes.shape_mask), fitted to the object's moments, overlaps it best.
+shape (models.shapes.shape_mask), fitted to the object's moments, overlaps it best; both are
+weighed by sub-pixel coverage (how much of each pixel the object covers, read from its colour), so
+a small square whose edges fall mid-pixel keeps its quarter-covered corners.
 region_mask() picks the objects a region caption ("a red circle") names, for touch-ups.
 
 check() compares the objects with the target scene per category. Objects are first assigned
@@ -51,6 +53,7 @@ POSITION_MARGIN = 0.02  # normalised; group centroids closer than this on the ax
 _COLOUR_NAMES = list(COLOURS)
 _PALETTE = np.array([BACKGROUND] + [COLOURS[c] for c in _COLOUR_NAMES], dtype=np.float32)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # small triangles' apexes touch only diagonally
+SUBSAMPLES = 4  # per pixel and axis, when drawing an ideal shape's area coverage
 
 
 @dataclass(eq=False)
@@ -143,15 +146,13 @@ def _split_by_colour(region: np.ndarray, core: np.ndarray, min_area: float) -> l
     return parts
 
 
-def _fitted_shapes(ys: np.ndarray, xs: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
-    """Per candidate shape, the (cx, cy, rx, ry) that give it the pixels' mean and spread.
+def _fitted_shapes(cx: float, cy: float, sx: float, sy: float) -> dict[str, tuple[float, float, float, float]]:
+    """Per candidate shape, the (cx, cy, rx, ry) that give it this mean (cx, cy) and spread (sx, sy).
 
     Fitting by moments rather than to the bounding box keeps sub-pixel position and size, which
     matters at 32 px where a circle's box can be a pixel narrower than its diameter. One entry
     per shape in models.shapes.SHAPES (plus a downward triangle, which generators may draw).
     """
-    # + 1/12: the spread of a pixel's own area, which sampling at pixel centres leaves out
-    cx, cy, sx, sy = xs.mean(), ys.mean(), np.sqrt(xs.var() + 1 / 12), np.sqrt(ys.var() + 1 / 12)
     # triangle (apex up, half-height h): var_y = 2h^2/9, var_x = r^2/6, mass centre h/3 below box centre
     hy = 3 * sy / np.sqrt(2)
     return {  # square first: tiny squares and circles can raster alike, ties go to the first
@@ -162,26 +163,61 @@ def _fitted_shapes(ys: np.ndarray, xs: np.ndarray) -> dict[str, tuple[float, flo
     }
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Name of the ideal shape, fitted to the mask's moments, that overlaps `mask` best (IoU)."""
-    ys, xs = np.nonzero(mask)
-    y0, x0 = ys.min() - 2, xs.min() - 2  # a margin: a fitted shape may reach past the mask
+def _template_coverage(name: str, fit: tuple[float, float, float, float], h: int, w: int) -> np.ndarray:
+    """float HxW: the share of each pixel the fitted ideal shape covers (SUBSAMPLES^2 points per pixel)."""
+    cx, cy, rx, ry = fit
+    offsets = (np.arange(SUBSAMPLES) + 0.5) / SUBSAMPLES
+    grid_x = (np.arange(w)[:, None] + offsets[None, :]).reshape(1, -1)  # [1, W*S]
+    grid_y = (np.arange(h)[:, None] + offsets[None, :]).reshape(-1, 1)  # [H*S, 1]
+    # draw the unit shape in coordinates scaled so its radius is 1 on both axes
+    flip = -1.0 if name == "inverted triangle" else 1.0
+    inside = shape_mask("triangle" if "triangle" in name else name, 0.0, 0.0, 1.0, (grid_x - cx) / rx, flip * (grid_y - cy) / ry)
+    return inside.reshape(h, SUBSAMPLES, w, SUBSAMPLES).mean(axis=(1, 3))
+
+
+def classify_shape(mask: np.ndarray, coverage: np.ndarray | None = None) -> str:
+    """Name of the ideal shape, fitted to the object's moments, that overlaps it best (soft IoU).
+
+    `coverage`: float HxW in [0, 1], the share of each pixel the object covers (segment() reads it
+    from the pixel colours; default: the mask itself). Moments and overlap are weighted by it and
+    the ideal shapes are drawn with area coverage, so a square whose edges fall mid-pixel (a 64 px
+    image box-filtered to 32 px) keeps its corners instead of rounding into a circle.
+    """
+    # the mask's own pixels count at least half (foreground, or a hole that noise punched into it)
+    coverage = mask.astype(np.float32) if coverage is None else np.where(mask, np.maximum(coverage, 0.5), coverage)
+    ys, xs = np.nonzero(coverage > 0)
+    y0, x0 = ys.min() - 2, xs.min() - 2  # a margin: a fitted shape may reach past the object
     h, w = ys.max() - y0 + 3, xs.max() - x0 + 3
-    crop = np.zeros((h, w), dtype=bool)
-    crop[ys - y0, xs - x0] = True
-    # pixel centres in crop pixel units, as render() samples them
-    grid_x, grid_y = np.arange(w)[None, :] + 0.5, np.arange(h)[:, None] + 0.5
+    crop = np.zeros((h, w), dtype=np.float32)
+    crop[ys - y0, xs - x0] = coverage[ys, xs]
+    # moments at pixel centres; + 1/12: the spread of a pixel's own area, which centres leave out
+    weight = crop / crop.sum()
+    centres_x, centres_y = np.arange(w)[None, :] + 0.5, np.arange(h)[:, None] + 0.5
+    cx, cy = (weight * centres_x).sum(), (weight * centres_y).sum()
+    sx = np.sqrt((weight * (centres_x - cx) ** 2).sum() + 1 / 12)
+    sy = np.sqrt((weight * (centres_y - cy) ** 2).sum() + 1 / 12)
     best, best_iou = "square", -1.0
-    for name, (cx, cy, rx, ry) in _fitted_shapes(ys - y0 + 0.5, xs - x0 + 0.5).items():
-        # draw the unit shape in coordinates scaled so its radius is 1 on both axes
-        flip = -1.0 if name == "inverted triangle" else 1.0
-        template = shape_mask(
-            "triangle" if "triangle" in name else name, 0.0, 0.0, 1.0, (grid_x - cx) / rx, flip * (grid_y - cy) / ry
-        )
-        iou = (crop & template).sum() / (crop | template).sum()
+    for name, fit in _fitted_shapes(cx, cy, sx, sy).items():
+        template = _template_coverage(name, fit, h, w)
+        iou = np.minimum(crop, template).sum() / np.maximum(crop, template).sum()
         if iou > best_iou:
             best, best_iou = name, iou
     return "triangle" if best == "inverted triangle" else best
+
+
+def _coverage(pixels: np.ndarray, colour_index: int, mask: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """float HxW: how much of each pixel an object of palette colour `colour_index` covers.
+
+    A pixel blending the object's colour with the background lies on the line between them; its
+    position along that line is the covered share. Read on the object's mask and the one-pixel
+    ring around it that no other object claims: a box-filtered corner covers a quarter of its
+    pixel, below the half that makes it foreground, yet it is what tells a square from a circle.
+    """
+    background, colour = _PALETTE[0], _PALETTE[colour_index]
+    direction = colour - background
+    share = np.clip((pixels - background) @ direction / (direction @ direction), 0.0, 1.0)
+    ring = ndimage.binary_dilation(mask, structure=_EIGHT_CONNECTED) & ~foreground
+    return np.where(mask | ring, share, 0.0).astype(np.float32)
 
 
 def segment(image) -> list[DetectedObject]:
@@ -204,7 +240,7 @@ def segment(image) -> list[DetectedObject]:
             objects.append(
                 DetectedObject(
                     colour=_COLOUR_NAMES[k - 1],
-                    shape=classify_shape(part),
+                    shape=classify_shape(mask, _coverage(pixels, k, mask, foreground)),
                     centroid=(float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h)),
                     area=len(xs) / (h * w),
                     bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),

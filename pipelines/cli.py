@@ -334,19 +334,19 @@ def models() -> None:
     if cfg.generator.family == "diffusion":
         _diffusion_models(cfg, hidden_size(enc.kind, enc.path), enc.max_length)
         return
-    from models.masked_transformer import MaskedTransformer, MaskedTransformerSpec
+    from types import SimpleNamespace
 
-    base_tok, sr_tok = spec_for(cfg.tokenizer, "base"), spec_for(cfg.tokenizer, "superres")
-    for which, tok, cond in (("base", base_tok, {}),
-                             ("superres", sr_tok, {"cond_codebook_size": base_tok.codebook_size,
-                                                   "cond_grid": base_tok.grid,
-                                                   "cond_depth": cfg.superres.model.cond_depth,
-                                                   "cond_add": cfg.superres.model.cond_add})):
+    from components.generator import spec_for as generator_spec_for
+    from models.masked_transformer import MaskedTransformer
+
+    # what the tokens and features stages would record, from params alone: the stages' own spec_for
+    # then builds each spec, so this listing cannot drift from what training builds
+    token_meta = {which: {"kind": "vqgan", "codebook_size": tok.codebook_size, "grid": tok.grid}
+                  for which, tok in (("base", spec_for(cfg.tokenizer, "base")), ("superres", spec_for(cfg.tokenizer, "superres")))}
+    features = SimpleNamespace(dim=hidden_size(enc.kind, enc.path), max_length=enc.max_length)
+    for which in ("base", "superres"):
         m = getattr(cfg, which).model
-        spec = MaskedTransformerSpec(codebook_size=tok.codebook_size, grid=tok.grid,
-                                     text_dim=hidden_size(enc.kind, enc.path), text_length=enc.max_length,
-                                     width=m.width, depth=m.depth, heads=m.heads, mlp_ratio=m.mlp_ratio,
-                                     dropout=m.dropout, **cond)
+        spec = generator_spec_for(getattr(cfg, which), SimpleNamespace(meta=token_meta), features, which)
         with torch.device("meta"):
             count = sum(p.numel() for p in MaskedTransformer(spec).parameters())
         typer.echo(f"  {which} generator (masked transformer, {m.depth} layers x {m.width}, "

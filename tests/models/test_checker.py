@@ -1,6 +1,7 @@
 """The exact checker reads the generator's images back, and rejects images that are wrong."""
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from models.checker import CheckResult, check, segment, score
-from models.shapes import COLOURS, SHAPES, Scene, caption, generate, render
+from models.shapes import COLOURS, SHAPES, Placement, Scene, ShapeGroup, caption, generate, render
 
 N_SCENES = 300
 SWAPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -41,6 +42,48 @@ def test_generated_images_read_back(scenes, size):
     for category in ("colour", "shape", "count", "position", "overall"):
         assert result[category] >= 0.98, (category, result)
     assert result["n"] == N_SCENES and 0 < result["n_position"] < N_SCENES
+
+
+def test_box_filtered_images_read_back(scenes):
+    # what the stages feed a 32 px tokenizer: the 64 px data box-filtered (components.images),
+    # so edges that fall mid-pixel blend with the background
+    result = score([render(s, 64).resize((32, 32), Image.BOX) for s in scenes], scenes)
+    print(f"\nchecker on 64px images box-filtered to 32px: {result}")
+    for category in ("colour", "shape", "count", "position", "overall"):
+        assert result[category] >= 0.99, (category, result)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_small_shapes_read_at_any_sub_pixel_offset(shape):
+    # small objects (radius 6-8 px at 64 px) box-filtered to 32 px with their edges on or mid-pixel:
+    # a square's corner pixels are then covered a quarter, below the half that makes them
+    # foreground, and must not round it into a circle
+    misread = []
+    for radius in np.arange(6.0, 8.01, 0.25):
+        for dx, dy in itertools.product((0.0, 0.5, 1.0, 1.5), repeat=2):
+            scene = Scene((ShapeGroup("orange", shape, "small", 1),), None,
+                          (Placement(0, (24 + dx) / 64, (28 + dy) / 64, radius / 64),))
+            read = [(o.colour, o.shape) for o in segment(render(scene, 64).resize((32, 32), Image.BOX))]
+            if read != [("orange", shape)]:
+                misread.append((radius, dx, dy, read))
+    assert not misread, misread
+
+
+def test_coverage_is_the_share_of_the_object_colour_in_a_blended_pixel():
+    from models.checker import _classify_pixels, _coverage
+
+    red, white = np.array(COLOURS["red"], dtype=np.float32), np.full(3, 255.0, dtype=np.float32)
+    pixels = np.tile(white, (5, 5, 1))
+    pixels[2, 2] = red  # the object
+    pixels[2, 3] = 0.5 * red + 0.5 * white  # half covered: still foreground
+    pixels[1, 1] = 0.25 * red + 0.75 * white  # a quarter: background, but in the ring
+    pixels[0, 4] = red  # another object, not adjacent
+    foreground, _ = _classify_pixels(pixels)
+    mask = np.zeros((5, 5), dtype=bool)
+    mask[2, 2:4] = True
+    coverage = _coverage(pixels, 1 + list(COLOURS).index("red"), mask, foreground)
+    np.testing.assert_allclose([coverage[2, 2], coverage[2, 3], coverage[1, 1]], [1.0, 0.5, 0.25], atol=0.01)
+    assert coverage[0, 4] == 0 and coverage[2, 0] == 0  # beyond the ring: not this object's
 
 
 def test_noise_and_blur_still_pass(scenes):

@@ -112,3 +112,12 @@ def test_repro_failure_is_one_line_and_marks_the_pipeline_run_failed(project):
     runs = client.search_runs([client.get_experiment_by_name("cascade").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("cascade.kind") == "pipeline")
     assert parent.info.status == "FAILED"
+
+
+def test_stages_scored_by_the_exact_checker_rerun_when_it_changes():
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    scored = [name for name in ("tokenizer", "base", "superres", "evaluate")
+              if "models/checker.py" not in stages[name]["deps"]]
+    assert not scored, f"stages whose metrics come from models/checker.py but do not depend on it: {scored}"
