@@ -236,11 +236,13 @@ def segment(image) -> list[DetectedObject]:
         for k, part in _split_by_colour(region, core[box], min_area):
             mask = np.zeros((h, w), dtype=bool)
             mask[box] = part
+            # the box and the one-pixel ring _coverage reads around it: shape work stays per object
+            window = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
             ys, xs = np.nonzero(mask)
             objects.append(
                 DetectedObject(
                     colour=_COLOUR_NAMES[k - 1],
-                    shape=classify_shape(mask, _coverage(pixels, k, mask, foreground)),
+                    shape=classify_shape(mask[window], _coverage(pixels[window], k, mask[window], foreground[window])),
                     centroid=(float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h)),
                     area=len(xs) / (h * w),
                     bbox=(int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1),
