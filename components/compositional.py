@@ -36,10 +36,15 @@ class PromptSet:
 
 def test_prompts(validate_dir: Path, limit: int) -> PromptSet:
     """The first `limit` accepted test items that carry a structured scene (the built-in dataset)."""
+    return split_prompts(validate_dir, "test", limit)
+
+
+def split_prompts(validate_dir: Path, split: str, limit: int) -> PromptSet:
+    """The first `limit` accepted items of `split` that carry a structured scene."""
     from models.shapes import Scene
 
     rows: pd.DataFrame = read_accepted(Path(validate_dir), ["key", "caption", "split", "scene"])
-    rows = rows[(rows["split"] == "test") & rows["scene"].notna()].head(limit)
+    rows = rows[(rows["split"] == split) & rows["scene"].notna()].head(limit)
     return PromptSet(rows["key"].tolist(), rows["caption"].tolist(),
                      [Scene.from_dict(json.loads(s)) for s in rows["scene"]])
 
