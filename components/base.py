@@ -24,7 +24,7 @@ from components.tracking import lightning_logger
 def run(cfg: GeneratorConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
         out_dir: Path, ckpt_dir: Path, logger=None, callbacks: list | None = None) -> GeneratorResult:
     from models.masked_transformer import check_tokenizer_contract
-    from models.sampling import SamplerSettings, decode
+    from models.sampling import SamplerSettings
     from models.tokenizer import load_tokenizer
 
     out_dir = Path(out_dir)
@@ -34,17 +34,24 @@ def run(cfg: GeneratorConfig, tokens_dir: Path, features_dir: Path, tokenizer_di
     model, metrics = trained.model, dict(trained.metrics)
     decoder = load_tokenizer(Path(tokenizer_dir) / "base")
     check_tokenizer_contract(model.spec, decoder.codebook_size, decoder.spec.grid, what="base generator")
-    settings = SamplerSettings(**asdict(cfg.sample))
-
-    def generate(text: torch.Tensor, mask: torch.Tensor, seeds: list[int], guidance: float) -> torch.Tensor:
-        tokens = decode(model, text, mask, settings.replace(guidance=guidance), seeds)  # [B, g*g]
-        g = model.spec.grid
-        return decoder.decode(tokens.view(-1, g, g)).clamp(-1, 1)
-
+    generate = base_generate(model, decoder, SamplerSettings(**asdict(cfg.sample)))
     metrics.update(evaluate_prompts(generate, cfg, features_dir, validate_dir, out_dir))
     write_json(out_dir / "metrics.json", metrics)
     return GeneratorResult(metrics, out_dir)
 
+
+def base_generate(model, decoder, settings, seed_offset: int = 0):
+    """The base model alone as `sample_and_check`'s generate(text, mask, seeds, guidance): tokens
+    sampled with `settings` at seeds + seed_offset, decoded by the base tokenizer -> [B,3,R,R] in [-1,1]."""
+    from models.sampling import decode
+
+    @torch.no_grad()
+    def generate(text: torch.Tensor, mask: torch.Tensor, seeds: list[int], guidance: float) -> torch.Tensor:
+        tokens = decode(model, text, mask, settings.replace(guidance=guidance), [s + seed_offset for s in seeds])
+        g = model.spec.grid  # tokens [B, g*g]
+        return decoder.decode(tokens.view(-1, g, g)).clamp(-1, 1)
+
+    return generate
 
 def execute(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir: Path, validate_dir: Path,
             out_dir: Path, ckpt_dir: Path, metrics_file: Path, parent_run_id: str | None = None,
