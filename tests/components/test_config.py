@@ -39,7 +39,7 @@ def test_default_profile_comes_from_params_yaml():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (("    n_train: 4000", "    n_train: 4000\n    n_trian: 5"), r"data\.builtin\.n_trian: unknown key"),
+    (("    n_train: 16000", "    n_train: 16000\n    n_trian: 5"), r"data\.builtin\.n_trian: unknown key"),
     (("    max_length: 32\n", ""), r"features\.encoder\.max_length: missing key"),
     (("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3"), r"profiles\.tiny\.data\.shard_sise: unknown key"),
     (("shard_size: 1000", "shard_size: lots"), r"data\.shard_size: .*'lots'"),
