@@ -39,7 +39,8 @@ def test_default_profile_comes_from_params_yaml():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (("    n_train: 16000", "    n_train: 16000\n    n_trian: 5"), r"data\.builtin\.n_trian: unknown key"),
+    # anchored on the section header, not a tuned value such as n_train, so retuning params keeps it valid
+    (("\n  builtin:\n", "\n  builtin:\n    n_trian: 5\n"), r"data\.builtin\.n_trian: unknown key"),
     (("    max_length: 32\n", ""), r"features\.encoder\.max_length: missing key"),
     (("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3"), r"profiles\.tiny\.data\.shard_sise: unknown key"),
     (("shard_size: 1000", "shard_size: lots"), r"data\.shard_size: .*'lots'"),
