@@ -156,3 +156,31 @@ def test_save_load_round_trip_and_one_line_errors(tmp_path):
         load_generator(tmp_path / "g")
     with pytest.raises(ValueError, match="does not exist"):
         load_generator(tmp_path / "nowhere")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [BASE, SUPERRES], ids=["base", "superres"])
+def test_bf16_autocast_on_cuda_matches_fp32_on_cpu(spec):
+    """What bf16-mixed training computes on a GPU: the same logits as fp32 on CPU within bf16's
+    rounding, and finite fp32 gradients on the fp32 weights."""
+    torch.manual_seed(0)
+    model = MaskedTransformer(spec).eval()
+    inputs = _inputs(spec, batch=4, seed=1)
+    reference = model(*inputs).double()
+    gpu = MaskedTransformer(spec).eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.cuda()
+    on_gpu = [x.cuda() if x is not None else None for x in inputs]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = gpu(*on_gpu)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    error = (logits.double().cpu() - reference).norm() / reference.norm()
+    assert error < 2e-2, f"relative error {error:.2e} vs fp32"
+    tokens = inputs[0].cuda()
+    masked = torch.rand(tokens.shape, device="cuda") < 0.5
+    masked[:, 0] = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = masked_token_loss(gpu(*on_gpu).float(), tokens.clamp(max=spec.codebook_size - 1), masked)
+    loss.backward()
+    grads = [p.grad for p in gpu.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
