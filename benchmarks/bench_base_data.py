@@ -49,15 +49,15 @@ def prepare(args, cfg) -> None:
     from models.tokenizer import load_tokenizer
 
     b, art = cfg.data.builtin, args.artifacts
-    train_pairs, _ = shapes.split_pairs(b.seed, b.heldout_fraction)
     tokenizer = load_tokenizer(art / "tokenizer" / "base").eval()
     resolution = cfg.tokenizer.base.resolution
+    # the data stage's train scenes: each depends only on (seed, split, index), not on n_train
+    train = [scene for _, _, scene in shapes.generate(b.seed, args.n, 0, 0, b.image_size, b.max_objects,
+                                                      b.heldout_fraction)]
     captions, tokens = [], []
     with torch.inference_mode():
         for start in range(0, args.n, 256):
-            # the data stage's scenes: each depends only on (seed, split, index)
-            scenes = [shapes.sample_scene(shapes.scene_rng(b.seed, "train", i), train_pairs, b.max_objects)
-                      for i in range(start, min(args.n, start + 256))]
+            scenes = train[start:start + 256]
             captions += [shapes.caption(s) for s in scenes]
             pixels = torch.stack([to_tensor(square_resize(shapes.render(s, b.image_size).convert("RGB"),
                                                           resolution, f"train-{start}")) for s in scenes])
@@ -78,6 +78,7 @@ def prepare(args, cfg) -> None:
 
 def text_features(cfg, data: Path, device: str) -> dict:
     """Per-token features of every caption (deduplicated), float16 as the features stage stores them."""
+    from components.features import _encode_pack
     from models.text_encoder import FrozenTextEncoder
 
     cached = data / "features.pt"
@@ -88,13 +89,9 @@ def text_features(cfg, data: Path, device: str) -> dict:
     row = {c: i for i, c in enumerate(distinct)}
     enc = cfg.features.encoder
     encoder = FrozenTextEncoder.from_spec(enc.kind, enc.path, enc.max_length, device=device)
-    text, mask = [], []
-    with torch.inference_mode():
-        for i in range(0, len(distinct), 1024):
-            e, m = encoder.encode(distinct[i:i + 1024])  # [b, L, D] float32, [b, L]
-            text.append(e.to("cpu", getattr(torch, enc.dtype)))
-            mask.append(m.cpu())
-    features = {"row": torch.tensor([row[c] for c in captions]), "text": torch.cat(text), "mask": torch.cat(mask)}
+    with torch.inference_mode():  # the features stage's own batch loop: [U, L, D] in enc.dtype, [U, L]
+        text, mask = _encode_pack(encoder, distinct, 1024, getattr(torch, enc.dtype), lambda _: None)
+    features = {"row": torch.tensor([row[c] for c in captions]), "text": text, "mask": mask}
     torch.save(features, cached)
     return features
 
@@ -106,6 +103,7 @@ def train(args, cfg) -> None:
     from benchmarks.bench_scaling import stubs
     from components.errors import StageError
     from components.generator import BatchDataset, _lightning_module, fit_generator, spec_for
+    from components.training import fingerprint
     from models.masked_transformer import save_generator
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,8 +135,9 @@ def train(args, cfg) -> None:
     module = _lightning_module()(spec.to_dict(), asdict(t), "base")
     start = time.time()
     try:
-        steps_done = fit_generator("base", module, FirstN(), t, Path("/tmp/bench_base_data_ckpt") / args.out.name,
-                                   "bench_base_data",
+        # a re-run of the same arm resumes its checkpoint; any other arm starts afresh
+        run = fingerprint(spec=spec.to_dict(), train=asdict(t), data=str(args.data.resolve()), n=args.n)
+        steps_done = fit_generator("base", module, FirstN(), t, Path("/tmp/bench_base_data_ckpt") / run[:16], run,
                                    callbacks=[Budget()]).trainer.global_step
     except StageError as err:  # stopped by the budget: fit says at which step
         steps_done = int(str(err).split("at step ")[1].split()[0])

@@ -103,9 +103,8 @@ def untrained_parts(cfg, n_items: int, device: torch.device) -> Parts:
     torch.manual_seed(0)
     tokenizers = {w: ImageTokenizer(tokenizer_stage.spec_for(cfg.tokenizer, w)).eval().to(device)
                   for w in ("base", "superres")}
-    train_pairs, _ = shapes.split_pairs(b.seed, b.heldout_fraction)
-    scenes = [shapes.sample_scene(shapes.scene_rng(b.seed, "train", i), sorted(train_pairs), b.max_objects)
-              for i in range(n_items)]
+    scenes = [scene for _, _, scene in shapes.generate(b.seed, n_items, 0, 0, b.image_size, b.max_objects,
+                                                       b.heldout_fraction)]  # the data stage's first train scenes
     keys = [f"train-{i:07d}" for i in range(n_items)]
     png = {k: _encode(shapes.render(s, b.image_size), b.image_format) for k, s in zip(keys, scenes)}
     captions = {k: shapes.caption(s) for k, s in zip(keys, scenes)}
