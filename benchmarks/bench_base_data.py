@@ -109,10 +109,10 @@ def train(args, cfg) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t = replace(cfg.base.train, steps=args.steps, batch_size=args.batch, checkpoint_every=10**9,
                 seed=cfg.base.train.seed if args.seed is None else args.seed)
-    features = text_features(cfg, args.data, device)
     tokens = torch.from_numpy(np.load(args.data / "tokens.npy")[:args.n].astype(np.int64))  # [n, g*g]
     if len(tokens) < args.n:
         raise SystemExit(f"train: --n {args.n} but {args.data} holds {len(tokens)} scenes; run prepare with a larger --n")
+    features = text_features(cfg, args.data, device)
     row, text, mask = features["row"][:args.n], features["text"], features["mask"]
     spec = spec_for(cfg.base, *stubs(cfg, text.shape[-1]), "base")
 

@@ -60,6 +60,20 @@ class Parts:
     source: str
 
 
+def online_encoding(tokenizer, encoder, pixels: Callable[[list[str]], torch.Tensor], captions: dict[str, str]):
+    """keys -> the batch built on the fly: host-decoded pixels tokenized and captions encoded on the
+    models' device (what training would do without the tokens and features stages)."""
+    device = next(tokenizer.parameters()).device
+
+    def online(batch_keys: list[str]) -> dict:
+        with torch.no_grad():
+            tokens = tokenizer.encode(pixels(batch_keys).to(device)).flatten(1)  # [B, g*g]
+        text, mask = encoder.encode([captions[k] for k in batch_keys])  # [B, L, D], [B, L]
+        return {"tokens": tokens, "text": text, "text_mask": mask}
+
+    return online
+
+
 def trained_parts(cfg, art: Path, device: torch.device) -> Parts:
     from components.superres import load_for_inference
 
@@ -69,14 +83,7 @@ def trained_parts(cfg, art: Path, device: torch.device) -> Parts:
     dataset = TokenTextDataset(tokens, features, keys, "base")
     index = {k: i for i, k in enumerate(dataset.keys)}
     inputs = OnlineInputs(cfg, art)
-    inputs.tokenizer.to(device), inputs.encoder.to(device)
-
-    def online(batch_keys: list[str]) -> dict:
-        with torch.no_grad():
-            tokens = inputs.tokenizer.encode(inputs.pixels(batch_keys).to(device)).flatten(1)
-        text, mask = inputs.text(batch_keys)
-        return {"tokens": tokens, "text": text, "text_mask": mask}
-
+    online = online_encoding(inputs.tokenizer.to(device), inputs.encoder.to(device), inputs.pixels, inputs.captions)
     cascade = load_for_inference(cfg, art / "base", art / "superres", art / "tokenizer").to(device)
     test = inputs.accepted[inputs.accepted["split"] == "test"]["caption"].tolist()
     return Parts(spec, keys, lambda b: dataset.__getitems__([index[k] for k in b]), online, cascade, test,
@@ -117,12 +124,7 @@ def untrained_parts(cfg, n_items: int, device: torch.device) -> Parts:
                 out.append(to_tensor(square_resize(image.convert("RGB"), resolution, k)))
         return torch.stack(out)
 
-    def online(batch_keys: list[str]) -> dict:
-        with torch.no_grad():
-            tokens = tokenizers["base"].encode(pixels(batch_keys).to(device)).flatten(1)
-        text, mask = encoder.encode([captions[k] for k in batch_keys])
-        return {"tokens": tokens, "text": text, "text_mask": mask}
-
+    online = online_encoding(tokenizers["base"], encoder, pixels, captions)
     store, dtype = {}, getattr(torch, enc.dtype)
     for i in range(0, n_items, 64):  # the tokens and features stages, once
         batch = online(keys[i:i + 64])
@@ -195,7 +197,8 @@ def time_training(cfg, parts: Parts, batch_size: int, args, device: torch.device
     for _ in range(args.repeats):  # interleaved, best of
         pre.append(timed_steps(step, [lambda b=b: parts.precomputed(b) for b in batch_keys], device))
         online.append(timed_steps(step, [lambda b=b: parts.online(b) for b in batch_keys], device))
-    flops = total(count(lambda: forward_backward(parts.precomputed(batch_keys[0]))))
+    # only the GPU table reports FLOP/s and MFU; counting costs one more step
+    flops = total(count(lambda: forward_backward(parts.precomputed(batch_keys[0])))) if device.type == "cuda" else None
     log(f"batch {batch_size}: precomputed {min(pre) / args.steps:.4f} s/step, online {min(online) / args.steps:.4f}")
     return {"batch": batch_size, "pre_s": min(pre) / args.steps, "online_s": min(online) / args.steps,
             "tokens": batch_size * parts.spec.n_tokens, "flops": flops}
