@@ -163,13 +163,11 @@ def evaluate(args, cfg) -> None:
     for d in args.models:
         meta = json.loads((d / "generator.json").read_text())
         if args.cascade:  # the superres stage's own check, with this base model in the cascade
+            from components.cascades import checked_generate
             from components.superres import load_cascade
 
-            cascade = load_cascade(cfg, d, art / "tokenizer", superres_model=superres, text_dim=superres.spec.text_dim)
-
-            def generate(text, mask, seeds, guidance):  # as components.superres.run: 0 switches both off
-                return cascade.generate_from_text(text, mask, seeds=seeds, guidance=0.0 if guidance == 0 else None,
-                                                  superres_guidance=guidance)
+            generate = checked_generate(load_cascade(cfg, d, art / "tokenizer", superres_model=superres,
+                                                     text_dim=superres.spec.text_dim))
             checked = cfg.superres
         else:
             generate = base_generate(load_generator(d).eval(), decoder, SamplerSettings(**asdict(cfg.base.sample)))

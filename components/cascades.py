@@ -59,6 +59,18 @@ def sampler_params(cfg: CascadeConfig) -> dict:
     return {"base": asdict(cfg.base.sample), "superres": asdict(cfg.superres.sample)}
 
 
+def checked_generate(cascade) -> Callable:
+    """generate(text, mask, seeds, guidance) for components.generator.evaluate_prompts over a whole
+    cascade: evaluation calls it at the super-res model's default guidance and at 0, and 0 switches
+    guidance off in both models (otherwise the base model keeps its own default)."""
+
+    def generate(text, mask, seeds: list[int], guidance: float):
+        off = 0.0 if guidance == 0 else None
+        return cascade.generate_from_text(text, mask, seeds=seeds, guidance=off, superres_guidance=guidance)
+
+    return generate
+
+
 def checked_load(cfg: CascadeConfig, base_dir: Path, superres_dir: Path, tokenizer_dir: Path,
                  decoder_dir: Path | None, read_meta: Callable[[Path], dict], load_cascade: Callable):
     """A family's cascade with its frozen text encoder, as `cascade generate` and the registry use it.

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from components.cascades import checked_generate
 from components.config import CascadeConfig, DiffusionSamplerConfig, GeneratorTrainConfig, PhaseConfig
 from components.errors import BadInputError, StageError
 from components.features import FeatureStore
@@ -358,12 +359,7 @@ def run_superres(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, feature
     save_diffusion(model, out_dir, extra={"sample": asdict(d.sample), "noise_aug": asdict(d.noise_aug),
                                           "text_encoder": features.encoder})
     cascade = load_cascade(cfg, base_dir, tokenizer_dir, superres_model=model, text_dim=spec.text_dim)
-
-    def generate(text: torch.Tensor, mask: torch.Tensor, seeds: list[int], guidance: float) -> torch.Tensor:
-        off = 0.0 if guidance == 0 else None  # guidance 0 switches guidance off in both models
-        return cascade.generate_from_text(text, mask, seeds=seeds, guidance=off, superres_guidance=guidance)
-
-    metrics.update(evaluate_prompts(generate, d, features_dir, validate_dir, out_dir))
+    metrics.update(evaluate_prompts(checked_generate(cascade), d, features_dir, validate_dir, out_dir))
     write_json(out_dir / "metrics.json", metrics)
     return GeneratorResult(metrics, out_dir)
 

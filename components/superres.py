@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
+from components.cascades import checked_generate
 from components.config import CascadeConfig
 from components.errors import StageError
 from components.generator import GeneratorResult, evaluate_prompts, report_files, train
@@ -58,13 +57,7 @@ def run(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir:
     metrics = dict(trained.metrics)
     cascade = load_cascade(cfg, base_dir, tokenizer_dir, superres_model=trained.model,
                            text_dim=trained.model.spec.text_dim)
-
-    def generate(text: torch.Tensor, mask: torch.Tensor, seeds: list[int], guidance: float) -> torch.Tensor:
-        # guidance 0 switches guidance off in both models; otherwise each uses its own default
-        off = 0.0 if guidance == 0 else None
-        return cascade.generate_from_text(text, mask, seeds=seeds, guidance=off, superres_guidance=guidance)
-
-    metrics.update(evaluate_prompts(generate, cfg.superres, features_dir, validate_dir, out_dir))
+    metrics.update(evaluate_prompts(checked_generate(cascade), cfg.superres, features_dir, validate_dir, out_dir))
     write_json(out_dir / "metrics.json", metrics)
     return GeneratorResult(metrics, out_dir)
 
