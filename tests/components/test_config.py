@@ -26,12 +26,21 @@ def test_profiles_overlay_the_base_values():
 
 def test_a_tokenizer_without_its_own_step_budget_or_augmentation_uses_the_shared_one():
     tiny = load_config(PARAMS, "tiny").tokenizer
-    base, superres = tiny.train_for("base"), tiny.train_for("superres")
-    assert base.steps == tiny.base.train_steps != tiny.train.steps
-    assert tiny.base.augment is None and base.augment == tiny.train.augment == ("channel_permute",)
-    assert tiny.superres.train_steps is None and superres.steps == tiny.train.steps
-    assert superres.augment == tiny.superres.augment == ()  # an empty list overrides; only null inherits
-    assert replace(base, steps=tiny.train.steps) == tiny.train  # nothing else differs
+    for which in ("base", "superres"):  # tiny: both set their own budget and inherit the augmentation
+        own = tiny.train_for(which)
+        assert own.steps == getattr(tiny, which).train_steps != tiny.train.steps
+        assert getattr(tiny, which).augment is None and own.augment == tiny.train.augment == ("channel_permute",)
+        assert replace(own, steps=tiny.train.steps) == tiny.train  # nothing else differs
+    no_augment = load_config(text=PARAMS.read_text().replace(
+        "    augment: null          # PSNR", "    augment: []          # PSNR")).tokenizer
+    assert no_augment.train_for("superres").augment == ()  # an empty list overrides; only null inherits
+
+
+@pytest.mark.parametrize("profile", ["smoke", "base256"])
+def test_profiles_reset_tinys_tokenizer_step_budgets_to_their_own(profile):
+    # an overlay that forgot `train_steps: null` would train tiny's 7200 steps (smoke: a test ran minutes)
+    tok = load_config(PARAMS, profile).tokenizer
+    assert tok.train_for("base").steps == tok.train_for("superres").steps == tok.train.steps
 
 
 def test_default_profile_comes_from_params_yaml():
@@ -44,7 +53,8 @@ def test_default_profile_comes_from_params_yaml():
     (("    max_length: 32\n", ""), r"features\.encoder\.max_length: missing key"),
     (("  tiny: {}", "  tiny:\n    data:\n      shard_sise: 3"), r"profiles\.tiny\.data\.shard_sise: unknown key"),
     (("shard_size: 1000", "shard_size: lots"), r"data\.shard_size: .*'lots'"),
-    (("    train_steps: null      # null", "    train_steps: 0      # null"), r"tokenizer\.superres\.train_steps: must be >= 1"),
+    (("    train_steps: 7200      # the base tokenizer's recipe", "    train_steps: 0      #"),
+     r"tokenizer\.superres\.train_steps: must be >= 1"),
     (("    augment: [channel_permute]", "    augment: [rotate]"), r"tokenizer\.train\.augment\.0: .*'rotate'"),
 ], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type", "zero-tokenizer-steps",
         "unknown-augmentation"])
