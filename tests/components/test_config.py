@@ -31,8 +31,7 @@ def test_a_tokenizer_without_its_own_step_budget_or_augmentation_uses_the_shared
         assert own.steps == getattr(tiny, which).train_steps != tiny.train.steps
         assert getattr(tiny, which).augment is None and own.augment == tiny.train.augment == ("channel_permute",)
         assert replace(own, steps=tiny.train.steps) == tiny.train  # nothing else differs
-    no_augment = load_config(text=PARAMS.read_text().replace(
-        "    augment: null          # PSNR", "    augment: []          # PSNR")).tokenizer
+    no_augment = replace(tiny, superres=replace(tiny.superres, augment=()))
     assert no_augment.train_for("superres").augment == ()  # an empty list overrides; only null inherits
 
 
