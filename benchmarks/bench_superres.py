@@ -7,7 +7,8 @@ read back by the exact checker at each of these stages:
     base tokenizer, 32 px      the map decoded by the base tokenizer (what the map shows)
     bicubic upsampling, 64 px  that decode resized: the baseline any super-res model must beat
     super-res model, 64 px     params' default super-res sampling from the map and the caption,
-                               decoded by the finetuned decoder (artifacts/decoder_ft)
+                               decoded by decoder_ft's decoder (artifacts/decoder_ft: the
+                               finetuned one, or the tokenizer's own if that was better)
     super-res tokenizer, 64 px the real 64 px image's own codes through the same decoder (the ceiling)
 
 Every --compare DIR adds a row for another super-res generator on the same maps and seeds (e.g.
@@ -124,7 +125,7 @@ def main() -> None:
             cond_add = "cond_add" if model.spec.cond_add else "no cond_add"
             rows[f"{name}, {cond_add}, {high_res} px"] = (check(cascade.decode_tokens(tokens)), seconds)
         ceiling = cascade.decode_tokens(cascade.decoder.encode(x).flatten(1))
-        rows[f"super-res tokenizer + finetuned decoder, {high_res} px (ceiling)"] = (check(ceiling), None)
+        rows[f"super-res tokenizer + decoder_ft's decoder, {high_res} px (ceiling)"] = (check(ceiling), None)
 
     lines = ["## Super-res fidelity from real low-res maps (`bench_superres.py`"
              + ("" if args.split == "test" else f" --split {args.split}") + ")", "",

@@ -357,6 +357,9 @@ class DecoderFinetuneConfig:
     layers_per_block: int
     train: DecoderTrainConfig
     eval_images: int  # validation images for PSNR / L1 / reconstruction FID, old vs new decoder
+    # the new decoder ships only if its val PSNR gain over the tokenizer's decoder is at least this (dB);
+    # otherwise the stage ships the tokenizer's own decoder and says so. null: ship the new one regardless
+    min_psnr_gain: Optional[float]
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -19,12 +19,16 @@ change fails the stage. Which tokenizer depends on `generator.family`:
 out_dir is a normal tokenizer directory (tokenizer.safetensors + tokenizer.json, same encoder,
 codebook and grid, so the generator's tokens / latents decode unchanged) plus metrics.json,
 comparison.png (rows: original | old decoder | new decoder) and report.md: validation PSNR / L1 /
-reconstruction FID of the old and new decoder on the same codes.
+reconstruction FID of the old and new decoder on the same codes. The new decoder ships only if its
+PSNR gain reaches `decoder_ft.min_psnr_gain`; otherwise out_dir carries the tokenizer's own decoder
+(metrics `new_decoder_shipped` 0, a warning and the report say so), so downstream never decodes
+with a worse one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import sys
 from dataclasses import asdict, dataclass
@@ -46,6 +50,7 @@ from components.training import code_digest, fingerprint, fit, warmup_cosine
 
 REPORT_FILES = ("comparison.png", "report.md", "tokenizer.json")
 FROZEN_TENSORS = "encoder, quant_conv and codebook"  # the VQGAN's; a KL-VAE has no codebook
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -265,8 +270,14 @@ def compare(old, new, images: torch.Tensor, feature_module: nn.Module | None = N
     return metrics, recon["old"], recon["new"]
 
 
+def ships_new_decoder(metrics: dict[str, float], min_psnr_gain: float | None) -> bool:
+    """Whether the stage's output carries the new decoder: its val PSNR gain reaches min_psnr_gain
+    (null: always). A from-scratch decoder with too few steps can fall below the tokenizer's own."""
+    return min_psnr_gain is None or metrics["psnr_gain"] >= min_psnr_gain
+
+
 def write_report(path: Path, metrics: dict[str, float], old_spec, new_spec, n_images: int,
-                 target: Target = TARGETS["masked"]) -> Path:
+                 target: Target = TARGETS["masked"], min_psnr_gain: float | None = None) -> Path:
     def row(name: str, spec) -> str:
         fid = f"{metrics[f'fid_{name}']:.4g}" if f"fid_{name}" in metrics else "n/a"
         return (f"| {name} | {list(spec.decoder_widths)} | {spec.decoder_depth} | "
@@ -287,6 +298,13 @@ def write_report(path: Path, metrics: dict[str, float], old_spec, new_spec, n_im
         f"PSNR gain: {metrics['psnr_gain']:+.2f} dB",
         "",
     ]
+    if metrics.get("new_decoder_shipped", 1.0):
+        lines += ["Shipped: the **new** decoder" + ("" if min_psnr_gain is None else
+                                                  f" (PSNR gain at least decoder_ft.min_psnr_gain {min_psnr_gain:g} dB)"), ""]
+    else:
+        lines += [f"Shipped: the tokenizer's **old** decoder: the new one's PSNR gain is below "
+                  f"decoder_ft.min_psnr_gain {min_psnr_gain:g} dB (train it longer, or set null to ship it anyway).",
+                  ""]
     Path(path).write_text("\n".join(lines))
     return Path(path)
 
@@ -363,11 +381,17 @@ def run(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, tokens_dir: Path
     if loss is not None:
         metrics["final_loss"] = float(loss)
 
-    save_tokenizer(model, out_dir)
+    shipped = ships_new_decoder(metrics, dft.min_psnr_gain)
+    metrics["new_decoder_shipped"] = float(shipped)
+    if not shipped:  # the cascade decodes with out_dir: a worse decoder must not reach evaluate or the registry
+        log.warning("decoder_ft: the new %s decoder is %.2f dB below the tokenizer's own on %d val images "
+                    "(decoder_ft.min_psnr_gain %g); %s ships the tokenizer's decoder instead", target.title,
+                    -metrics["psnr_gain"], len(images), dft.min_psnr_gain, out_dir)
+    save_tokenizer(model if shipped else source, out_dir)
     n = min(8, len(images))
     save_tiled(np.concatenate([to_uint8(images[:n]), to_uint8(old_recon[:n]), to_uint8(new_recon[:n])]),
                out_dir / "comparison.png", columns=n)  # rows: original | old decoder | new decoder
-    write_report(out_dir / "report.md", metrics, source.spec, model.spec, len(images), target)
+    write_report(out_dir / "report.md", metrics, source.spec, model.spec, len(images), target, dft.min_psnr_gain)
     write_json(out_dir / "metrics.json", metrics)
     return DecoderFinetuneResult(metrics, out_dir)
 

@@ -32,12 +32,17 @@ class TinyFeatures(nn.Module):
         return self.conv(x).relu().mean(dim=(2, 3))
 
 
-def run_stage(trained, out, ckpt, **kw):
-    """decoder_ft.run on a trained smoke cascade of either family (smoke_cascade or smoke_diffusion)."""
+def with_min_psnr_gain(cfg, value):
+    return dataclasses.replace(cfg, decoder_ft=dataclasses.replace(cfg.decoder_ft, min_psnr_gain=value))
+
+
+def run_stage(trained, out, ckpt, min_psnr_gain=None, **kw):
+    """decoder_ft.run on a trained smoke cascade of either family (smoke_cascade or smoke_diffusion);
+    by default the new decoder ships whatever it measures (12 smoke steps may not beat the tokenizer's)."""
     art = trained.art
-    args = dict(cfg=trained.cfg, data_dir=art.data, validate_dir=art.validate, tokens_dir=trained.tokens,
-                tokenizer_dir=trained.tokenizer, base_dir=trained.base, superres_dir=trained.superres,
-                out_dir=out, ckpt_dir=ckpt)
+    args = dict(cfg=with_min_psnr_gain(trained.cfg, min_psnr_gain), data_dir=art.data, validate_dir=art.validate,
+                tokens_dir=trained.tokens, tokenizer_dir=trained.tokenizer, base_dir=trained.base,
+                superres_dir=trained.superres, out_dir=out, ckpt_dir=ckpt)
     return decoder_ft.run(**{**args, **kw})
 
 
@@ -78,6 +83,7 @@ def test_metrics_report_and_grid(smoke_cascade, finetuned):
     assert m["psnr_gain"] == pytest.approx(m["psnr_new"] - m["psnr_old"])
     assert m["decoder_parameters_new"] > m["decoder_parameters_old"]
     assert m["resumed_from_step"] == 0
+    assert m["new_decoder_shipped"] == 1.0  # min_psnr_gain null: shipped whatever it measures
     assert json.loads((result.out_dir / "metrics.json").read_text()) == pytest.approx(m)
     report = (result.out_dir / "report.md").read_text()
     assert "| old |" in report and "| new |" in report and f"{m['psnr_new']:.2f}" in report
@@ -93,6 +99,38 @@ def test_rerun_resumes_the_finished_checkpoint(smoke_cascade, finetuned, tmp_pat
     assert again.metrics["resumed_from_step"] == smoke_cascade.art.cfg.decoder_ft.train.steps
     assert "fid_new" not in again.metrics  # no feature module, no FID
     assert again.metrics["psnr_new"] == pytest.approx(result.metrics["psnr_new"])
+
+
+@pytest.mark.parametrize("gain, threshold, ships", [(0.5, 0.0, True), (0.0, 0.0, True), (-0.01, 0.0, False),
+                                                     (-5.7, None, True), (1.0, 2.0, False), (-1.0, -2.0, True)])
+def test_ships_new_decoder_only_at_or_above_min_psnr_gain(gain, threshold, ships):
+    assert decoder_ft.ships_new_decoder({"psnr_gain": gain}, threshold) is ships
+
+
+def test_a_decoder_below_min_psnr_gain_is_not_shipped(smoke_cascade, finetuned, tmp_path, caplog):
+    """The same finished training, gated: out_dir carries the tokenizer's own decoder, and says why."""
+    result, root = finetuned
+    source_dir = smoke_cascade.art.tokenizer / "superres"
+    with caplog.at_level("WARNING", logger="components.decoder_ft"):
+        kept = run_stage(smoke_cascade, tmp_path / "out", root / "ckpt", min_psnr_gain=1000.0)
+    assert kept.metrics["resumed_from_step"] == smoke_cascade.art.cfg.decoder_ft.train.steps  # gating is not training
+    assert kept.metrics["psnr_new"] == pytest.approx(result.metrics["psnr_new"])
+    assert kept.metrics["new_decoder_shipped"] == 0.0
+    shipped, source = load_tokenizer(kept.out_dir), load_tokenizer(source_dir)
+    assert shipped.spec == source.spec
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(shipped.state_dict()[name], tensor), name
+    report = (kept.out_dir / "report.md").read_text()
+    assert "Shipped: the tokenizer's **old** decoder" in report and "min_psnr_gain 1000" in report
+    assert f"{kept.metrics['psnr_new']:.2f}" in report  # the new decoder's figures are still reported
+    assert any("dB below the tokenizer's own" in r.getMessage() and "min_psnr_gain 1000" in r.getMessage()
+               for r in caplog.records)
+
+    loose = run_stage(smoke_cascade, tmp_path / "loose", root / "ckpt", min_psnr_gain=-1000.0)
+    assert loose.metrics["new_decoder_shipped"] == 1.0
+    assert load_tokenizer(loose.out_dir).spec == load_tokenizer(result.out_dir).spec != source.spec
+    assert "Shipped: the **new** decoder (PSNR gain at least decoder_ft.min_psnr_gain -1000 dB)" in \
+        (loose.out_dir / "report.md").read_text()
 
 
 def _copy_generators(cascade, tmp_path):
