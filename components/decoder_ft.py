@@ -384,9 +384,9 @@ def run(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, tokens_dir: Path
     shipped = ships_new_decoder(metrics, dft.min_psnr_gain)
     metrics["new_decoder_shipped"] = float(shipped)
     if not shipped:  # the cascade decodes with out_dir: a worse decoder must not reach evaluate or the registry
-        log.warning("decoder_ft: the new %s decoder is %.2f dB below the tokenizer's own on %d val images "
-                    "(decoder_ft.min_psnr_gain %g); %s ships the tokenizer's decoder instead", target.title,
-                    -metrics["psnr_gain"], len(images), dft.min_psnr_gain, out_dir)
+        log.warning("decoder_ft: the new %s decoder's PSNR gain over the tokenizer's own is %+.2f dB on %d val "
+                    "images, below decoder_ft.min_psnr_gain %g; %s ships the tokenizer's decoder instead",
+                    target.title, metrics["psnr_gain"], len(images), dft.min_psnr_gain, out_dir)
     save_tokenizer(model if shipped else source, out_dir)
     n = min(8, len(images))
     save_tiled(np.concatenate([to_uint8(images[:n]), to_uint8(old_recon[:n]), to_uint8(new_recon[:n])]),

@@ -123,8 +123,9 @@ def test_a_decoder_below_min_psnr_gain_is_not_shipped(smoke_cascade, finetuned, 
     report = (kept.out_dir / "report.md").read_text()
     assert "Shipped: the tokenizer's **old** decoder" in report and "min_psnr_gain 1000" in report
     assert f"{kept.metrics['psnr_new']:.2f}" in report  # the new decoder's figures are still reported
-    assert any("dB below the tokenizer's own" in r.getMessage() and "min_psnr_gain 1000" in r.getMessage()
-               for r in caplog.records)
+    gain = f"{kept.metrics['psnr_gain']:+.2f} dB"
+    assert any(f"PSNR gain over the tokenizer's own is {gain}" in r.getMessage()
+               and "below decoder_ft.min_psnr_gain 1000" in r.getMessage() for r in caplog.records)
 
     loose = run_stage(smoke_cascade, tmp_path / "loose", root / "ckpt", min_psnr_gain=-1000.0)
     assert loose.metrics["new_decoder_shipped"] == 1.0
