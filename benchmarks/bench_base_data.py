@@ -15,6 +15,7 @@ default and 0, the exact checker on base-tokenizer decodes).
     # 3. here: score the arms (and the demo's own model for reference), record the table; --cascade
     #    scores the full cascade (the demo's super-res model) with each base model instead
     .venv/bin/python benchmarks/bench_base_data.py evaluate artifacts/base /tmp/arms/* --record
+    #    (each model is sampled with the stage's eval_seed_sets seed sets; --seed-sets N overrides it)
 
 Text features are computed in `train` with the configured encoder (features.encoder; --params may
 point its path at a local copy) and stored as the features stage stores them (float16). The base
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import machine, replace_section  # noqa: E402
+from components.compositional import SEED_SET_STRIDE  # noqa: E402
 from components.config import load_config  # noqa: E402
 
 CATEGORIES = ("single_colour_shape", "pair_overall", "overall", "colour", "shape", "count", "position")
@@ -151,12 +153,15 @@ def train(args, cfg) -> None:
 
 def evaluate(args, cfg) -> None:
     from components.base import base_generate
-    from components.generator import evaluate_prompts
+    from components.compositional import check_held_out
     from models.masked_transformer import load_generator
     from models.sampling import SamplerSettings
     from models.tokenizer import load_tokenizer
 
     art = args.artifacts
+    if args.seed_sets is not None:  # the stage check's own setting unless overridden
+        cfg = replace(cfg, base=replace(cfg.base, eval_seed_sets=args.seed_sets),
+                      superres=replace(cfg.superres, eval_seed_sets=args.seed_sets))
     decoder = load_tokenizer(art / "tokenizer" / "base")
     superres = load_generator(art / "superres") if args.cascade else None
     rows = []
@@ -173,10 +178,11 @@ def evaluate(args, cfg) -> None:
             generate = base_generate(load_generator(d).eval(), decoder, SamplerSettings(**asdict(cfg.base.sample)))
             checked = cfg.base
         with torch.inference_mode():
-            m = evaluate_prompts(generate, checked, art / "features", art / "validate", args.scratch / d.name)
+            m = check_held_out(generate, checked, art / "features", art / "validate", args.scratch / d.name)
         rows.append((d, meta, m))
         print(json.dumps({"model": str(d), **{k: round(v, 4) for k, v in m.items() if k.startswith("checker_")}}))
     arm_cols = ("n", "batch", "steps", "seed")
+    sets = (cfg.superres if args.cascade else cfg.base).eval_seed_sets
     when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     if args.cascade:
         head = ["## The cascade with these base models (`bench_base_data.py evaluate --cascade`)", "",
@@ -189,12 +195,18 @@ def evaluate(args, cfg) -> None:
                 f"(components.generator.evaluate_prompts: {cfg.base.eval_prompts} held-out test prompts, sampler "
                 f"{cfg.base.sample.steps} steps, temperature {cfg.base.sample.temperature:g}, exact checker on "
                 f"base-tokenizer decodes); scoring machine: {machine()}."]
+    set_cols = []
+    if sets > 1:
+        head += ["", f"Seed sets: the categories are seed set 0 (seed i for prompt i, the stage's fixed-seed figure); "
+                     f"`single/pair by set` lists sets 0..{sets - 1} (seeds j * {SEED_SET_STRIDE} + i) at the default "
+                     f"guidance, and `mean` is their mean."]
+        set_cols = ["single by set", "single mean", "pair by set", "pair mean"]
     lines = [
         *head,
         "",
-        f"| model | images | batch | steps | seed | trained on | train min | single | pair | overall | colour | "
-        f"shape | count | position | single g0 | pair g0 |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | images | batch | steps | seed | trained on | train min | single | pair | overall | colour | "
+        "shape | count | position | single g0 | pair g0 |" + "".join(f" {c} |" for c in set_cols),
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |" + " ---: |" * (9 + len(set_cols)),
     ]
     for d, meta, m in rows:
         arm = meta.get("arm", {})
@@ -202,6 +214,9 @@ def evaluate(args, cfg) -> None:
         minutes = f"{meta['seconds'] / 60:.1f}" if "seconds" in meta else "-"
         scores = [f"{100 * m[f'checker_{c}']:.1f}%" for c in CATEGORIES]
         scores += [f"{100 * m[f'checker_{c}_g0']:.1f}%" for c in CATEGORIES[:2]]
+        for c in (CATEGORIES[:2] if set_cols else ()):
+            scores += [" / ".join(f"{100 * m[f'checker_{c}_set{j}']:.1f}" for j in range(sets)),
+                       f"**{100 * m[f'checker_{c}_mean']:.1f}%**"]
         lines.append(f"| `{d.name}` | " + " | ".join(cells) + f" | {meta.get('device', '-')} | {minutes} | "
                      + " | ".join(scores) + " |")
     lines.append("")
@@ -232,6 +247,8 @@ def main() -> None:
     p.add_argument("models", type=Path, nargs="+")
     p.add_argument("--cascade", action="store_true",
                    help="score the full cascade (the demo's super-res model) with each base model instead of it alone")
+    p.add_argument("--seed-sets", type=int, default=None,
+                   help="seed sets per prompt at the default guidance (default: the checked stage's eval_seed_sets)")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/bench_base_data"), help="sample grids go here")
     p.add_argument("--record", type=Path, nargs="?", const=REPO / "benchmarks" / "RESULTS.md", default=None)
     args = parser.parse_args()

@@ -5,6 +5,8 @@ Training step (same model, batch, optimizer, keys; one process, interleaved repe
                `base` stage trains on), then forward/backward/AdamW step
   online       the same batch read from the image shards, tokenized by the base tokenizer and its
                captions encoded by the frozen text encoder, then the same step
+On a CPU the precomputed step is also timed under bf16 autocast (what `precision: bf16-mixed` does
+there; `auto` trains fp32 on a CPU), which pays on CPUs with native bf16 (AVX512-BF16, AMX).
 Sampling: the full cascade (text encoder -> base -> super-res -> decoder) at the profile's default
 steps and guidance, batches of --batch prompts, images/s.
 
@@ -144,15 +146,17 @@ def untrained_parts(cfg, n_items: int, device: torch.device) -> Parts:
                  f"{n_items} scenes drawn and PNG-encoded in memory")
 
 
-def make_step(cfg, spec, device: torch.device):
-    """One training step on a host batch dict, as the base stage runs it on `device`."""
+def make_step(cfg, spec, device: torch.device, bf16: bool | None = None):
+    """One training step on a host batch dict, as the base stage runs it on `device` (bf16: autocast
+    to bfloat16; default: as precision auto does, i.e. on a GPU only)."""
     from models.masked_transformer import MaskedTransformer, masked_token_loss
 
     torch.manual_seed(0)
     model = MaskedTransformer(spec).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     g = torch.Generator().manual_seed(0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")  # precision auto
+    bf16 = device.type == "cuda" if bf16 is None else bf16  # None: precision auto
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def forward_backward(batch: dict) -> torch.Tensor:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -193,14 +197,21 @@ def time_training(cfg, parts: Parts, batch_size: int, args, device: torch.device
     step, forward_backward = make_step(cfg.base, parts.spec, device)
     step(parts.precomputed(batch_keys[0]))  # warm-up: kernels, allocator, optimizer state
     step(parts.online(batch_keys[0]))
-    pre, online = [], []
+    # on a CPU also the same step under bf16 autocast: what `precision: bf16-mixed` would change there
+    step_bf16 = make_step(cfg.base, parts.spec, device, bf16=True)[0] if device.type == "cpu" else None
+    if step_bf16:
+        step_bf16(parts.precomputed(batch_keys[0]))
+    pre, online, pre_bf16 = [], [], []
     for _ in range(args.repeats):  # interleaved, best of
         pre.append(timed_steps(step, [lambda b=b: parts.precomputed(b) for b in batch_keys], device))
         online.append(timed_steps(step, [lambda b=b: parts.online(b) for b in batch_keys], device))
+        if step_bf16:
+            pre_bf16.append(timed_steps(step_bf16, [lambda b=b: parts.precomputed(b) for b in batch_keys], device))
     # only the GPU table reports FLOP/s and MFU; counting costs one more step
     flops = total(count(lambda: forward_backward(parts.precomputed(batch_keys[0])))) if device.type == "cuda" else None
     log(f"batch {batch_size}: precomputed {min(pre) / args.steps:.4f} s/step, online {min(online) / args.steps:.4f}")
     return {"batch": batch_size, "pre_s": min(pre) / args.steps, "online_s": min(online) / args.steps,
+            "pre_bf16_s": min(pre_bf16) / args.steps if pre_bf16 else None,
             "tokens": batch_size * parts.spec.n_tokens, "flops": flops}
 
 
@@ -280,7 +291,10 @@ def main() -> None:
                 f"{r['pre_s']:.3f} | {r['tokens'] / r['pre_s']:,.0f} | - |",
                 f"| {r['batch']} | base step, online: decode shards + tokenize + encode captions | {r['online_s']:.3f} | "
                 f"{r['tokens'] / r['online_s']:,.0f} | {r['online_s'] / r['pre_s']:.2f}x slower "
-                f"(precompute speedup {r['online_s'] / r['pre_s']:.2f}x) |"]
+                f"(precompute speedup {r['online_s'] / r['pre_s']:.2f}x) |",
+                f"| {r['batch']} | base step, precomputed, bf16 autocast (`precision: bf16-mixed`; `auto` is fp32 on a "
+                f"CPU) | {r['pre_bf16_s']:.3f} | {r['tokens'] / r['pre_bf16_s']:,.0f} | "
+                f"{r['pre_s'] / r['pre_bf16_s']:.2f}x faster |"]
     lines += [
         "",
         f"Full-cascade sampling: {n_images} images in {sample_s:.1f} s = **{n_images / sample_s:.2f} images/s** "

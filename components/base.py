@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from components.compositional import check_held_out
 from components.config import CascadeConfig, GeneratorConfig
-from components.generator import GeneratorResult, evaluate_prompts, report_files, train
+from components.generator import GeneratorResult, report_files, train
 from components.errors import StageError
 from components.io import ACCEPTED_FILE, write_json
 from components.stage import TrackedInput, tracked
@@ -35,7 +36,7 @@ def run(cfg: GeneratorConfig, tokens_dir: Path, features_dir: Path, tokenizer_di
     decoder = load_tokenizer(Path(tokenizer_dir) / "base")
     check_tokenizer_contract(model.spec, decoder.codebook_size, decoder.spec.grid, what="base generator")
     generate = base_generate(model, decoder, SamplerSettings(**asdict(cfg.sample)))
-    metrics.update(evaluate_prompts(generate, cfg, features_dir, validate_dir, out_dir))
+    metrics.update(check_held_out(generate, cfg, features_dir, validate_dir, out_dir))
     write_json(out_dir / "metrics.json", metrics)
     return GeneratorResult(metrics, out_dir)
 

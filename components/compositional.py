@@ -2,8 +2,9 @@
 
 The prompts are the built-in dataset's test split: every one uses a (colour, shape) pair that
 never appears in training. Each prompt i is generated with seed i, so numbers are comparable
-across runs and checkpoints. Categories (models.checker): colour, shape, count, position (over
-prompts with a relation) and overall; plus the two headline figures:
+across runs and checkpoints. Further seed sets (seed j * SEED_SET_STRIDE + i for set j) measure how
+much of a figure is the draw of seeds rather than the model. Categories (models.checker): colour,
+shape, count, position (over prompts with a relation) and overall; plus the two headline figures:
 
     single_colour_shape  one-group prompts ("two small green triangles") right in colour and shape
     pair_overall         two-group prompts with a relation fully right (colour, shape, count, position)
@@ -22,6 +23,8 @@ import pandas as pd
 from components.io import read_accepted
 
 CATEGORIES = ("colour", "shape", "count", "position", "overall", "single_colour_shape", "pair_overall")
+HEADLINES = ("single_colour_shape", "pair_overall")
+SEED_SET_STRIDE = 100_000  # set j draws prompt i with seed j * stride + i: disjoint from set 0 for < 100k prompts
 
 
 @dataclass(frozen=True)
@@ -73,17 +76,50 @@ def checker_metrics(images: np.ndarray, scenes: list) -> dict[str, float]:
 
 def table(by_guidance: dict[float, dict[str, float]]) -> str:
     """A Markdown table: one row per guidance scale, one column per category."""
-    header = "| guidance | " + " | ".join(CATEGORIES) + " |"
-    lines = [header, "|" + " --- |" * (len(CATEGORIES) + 1)]
-    for guidance, m in by_guidance.items():
+    return _table("guidance", {f"{g:g}": m for g, m in by_guidance.items()})
+
+
+def seed_set_table(by_set: dict[int, dict[str, float]], guidance: float) -> str:
+    """A Markdown table at one guidance scale: one row per seed set, then their mean."""
+    rows = {f"{j} (seeds {seed_set_label(j)})": m for j, m in by_set.items()}
+    rows[f"mean of {len(by_set)}"] = mean_over_sets(by_set)
+    return f"Seed sets at guidance {guidance:g}:\n\n" + _table("seed set", rows)
+
+
+def _table(first: str, rows: dict[str, dict[str, float]]) -> str:
+    lines = [f"| {first} | " + " | ".join(CATEGORIES) + " |", "|" + " --- |" * (len(CATEGORIES) + 1)]
+    for label, m in rows.items():
         cells = [f"{100 * m[c]:.1f}%" if c in m and not math.isnan(m[c]) else "-" for c in CATEGORIES]
-        lines.append(f"| {guidance:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def sample_and_check(generate, prompts: PromptSet, features, guidance_scales: list[float],
-                     batch_size: int = 64) -> tuple[dict[float, dict[str, float]], dict[float, np.ndarray]]:
-    """Generate every prompt (seed = its index) at each guidance scale and check the images.
+def seed_set_label(j: int) -> str:
+    return "i" if j == 0 else f"{j * SEED_SET_STRIDE} + i"
+
+
+def mean_over_sets(by_set: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Per-category mean over seed sets. Every set checks the same prompts, so this is also the
+    accuracy pooled over all their images."""
+    return {c: float(np.mean([m[c] for m in by_set.values()])) for c in CATEGORIES
+            if all(c in m for m in by_set.values())}
+
+
+def seed_set_metrics(by_set: dict[int, dict[str, float]]) -> dict[str, float]:
+    """checker_<category>_mean over the sets and checker_<headline>_set<j> per set; nothing for one set
+    (checker_<category> itself is set 0)."""
+    if len(by_set) < 2:
+        return {}
+    out = {f"checker_{c}_mean": v for c, v in mean_over_sets(by_set).items()}
+    for j, m in by_set.items():
+        out.update({f"checker_{c}_set{j}": m[c] for c in HEADLINES if c in m})
+    return out
+
+
+def sample_and_check(generate, prompts: PromptSet, features, guidance_scales: list[float], batch_size: int = 64,
+                     seed_set: int = 0) -> tuple[dict[float, dict[str, float]], dict[float, np.ndarray]]:
+    """Generate every prompt at each guidance scale and check the images; prompt i gets seed
+    seed_set * SEED_SET_STRIDE + i (seed i in set 0).
 
     generate(text [B,L,D], mask [B,L], seeds list[int], guidance float) -> images [B,3,R,R] in [-1,1].
     Returns (metrics by guidance, uint8 images by guidance).
@@ -96,11 +132,34 @@ def sample_and_check(generate, prompts: PromptSet, features, guidance_scales: li
         for start in range(0, len(prompts), batch_size):
             keys = prompts.keys[start:start + batch_size]
             text, mask = features.lookup(keys)
-            seeds = list(range(start, start + len(keys)))
+            seeds = [seed_set * SEED_SET_STRIDE + i for i in range(start, start + len(keys))]
             chunks.append(to_uint8(generate(text, mask, seeds, guidance)))
         images[guidance] = np.concatenate(chunks)
         metrics[guidance] = checker_metrics(images[guidance], prompts.scenes)
     return metrics, images
+
+
+def check_held_out(generate, cfg, features_dir: Path, validate_dir: Path, out_dir: Path) -> dict:
+    """The generator stages' held-out check: components.generator.evaluate_prompts (seed set 0 at the
+    default guidance and at 0), then cfg.eval_seed_sets - 1 further seed sets at the default guidance,
+    their table appended to checker.md. It lives here rather than in components.generator because
+    that module's source keys the training checkpoints: a change to evaluation must not retrain.
+
+    cfg: a generator stage's config (eval_prompts, eval_seed_sets, sample.guidance)."""
+    from components.features import FeatureStore
+    from components.generator import evaluate_prompts
+
+    metrics = evaluate_prompts(generate, cfg, features_dir, validate_dir, out_dir)
+    if cfg.eval_seed_sets < 2 or not metrics:  # one set, or data without scenes
+        return metrics
+    default = cfg.sample.guidance
+    prompts, features = test_prompts(validate_dir, cfg.eval_prompts), FeatureStore.open(features_dir)
+    by_set = {0: {c: metrics[f"checker_{c}"] for c in CATEGORIES if f"checker_{c}" in metrics}}
+    for j in range(1, cfg.eval_seed_sets):
+        by_set[j] = sample_and_check(generate, prompts, features, [default], seed_set=j)[0][default]
+    checker = Path(out_dir) / "checker.md"
+    checker.write_text(checker.read_text() + "\n" + seed_set_table(by_set, default))
+    return {**metrics, **seed_set_metrics(by_set)}
 
 
 def flat_metrics(by_guidance: dict[float, dict[str, float]], default_guidance: float) -> dict[str, float]:

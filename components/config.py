@@ -189,6 +189,7 @@ class GeneratorConfig:
     train: GeneratorTrainConfig
     sample: SamplerConfig
     eval_prompts: int  # held-out test prompts checked by the exact checker after training (0 = off)
+    eval_seed_sets: int  # seed sets those prompts are sampled with at the default guidance (1 = seed i only)
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -277,6 +278,7 @@ class DiffusionBaseConfig:
     phases: tuple[PhaseConfig, ...]
     sample: DiffusionSamplerConfig
     eval_prompts: int
+    eval_seed_sets: int
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -297,6 +299,7 @@ class DiffusionSuperresConfig:
     train: GeneratorTrainConfig
     sample: DiffusionSamplerConfig
     eval_prompts: int
+    eval_seed_sets: int
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -626,6 +629,11 @@ def _check_across_sections(cfg: CascadeConfig, source: str) -> None:
         if steps is not None and steps < 1:
             raise ConfigError(f"{source}: tokenizer.{which}.train_steps: must be >= 1 or null (= tokenizer.train.steps), "
                               f"got {steps}")
+    for key, section in (("base", cfg.base), ("superres", cfg.superres), ("diffusion.base", d.base),
+                         ("diffusion.superres", d.superres)):
+        if section.eval_seed_sets < 1:
+            raise ConfigError(f"{source}: {key}.eval_seed_sets: must be >= 1 (1 = seed i for prompt i only), "
+                              f"got {section.eval_seed_sets}")
     if cfg.inference.candidates < 1:
         raise ConfigError(f"{source}: inference.candidates: must be >= 1 (1 = no rejection sampling)")
     if not 0.0 < cfg.inference.touchup.strength <= 1.0:

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from components.cascades import checked_generate
+from components.compositional import check_held_out
 from components.config import CascadeConfig, DiffusionSamplerConfig, GeneratorTrainConfig, PhaseConfig
 from components.errors import BadInputError, StageError
 from components.features import FeatureStore
-from components.generator import (BatchDataset, GeneratorResult, evaluate_prompts, fit_generator, hash_seed,
+from components.generator import (BatchDataset, GeneratorResult, fit_generator, hash_seed,
                                   open_stores)
 from components.images import ShardImageDataset
 from components.io import frame_digest, read_accepted, write_json
@@ -318,7 +319,7 @@ def _check_base(cfg: CascadeConfig, model, tokenizer_dir: Path, features_dir: Pa
         z = sample(model, text, mask, settings.replace(guidance=guidance), seeds)  # [B,C,g,g]
         return vae.decode(to_latents(model.spec, z)).clamp(-1, 1)
 
-    return evaluate_prompts(generate, cfg.diffusion.base, features_dir, validate_dir, out_dir)
+    return check_held_out(generate, cfg.diffusion.base, features_dir, validate_dir, out_dir)
 
 
 # --- stage superres ---------------------------------------------------------------------------
@@ -359,7 +360,7 @@ def run_superres(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, feature
     save_diffusion(model, out_dir, extra={"sample": asdict(d.sample), "noise_aug": asdict(d.noise_aug),
                                           "text_encoder": features.encoder})
     cascade = load_cascade(cfg, base_dir, tokenizer_dir, superres_model=model, text_dim=spec.text_dim)
-    metrics.update(evaluate_prompts(checked_generate(cascade), d, features_dir, validate_dir, out_dir))
+    metrics.update(check_held_out(checked_generate(cascade), d, features_dir, validate_dir, out_dir))
     write_json(out_dir / "metrics.json", metrics)
     return GeneratorResult(metrics, out_dir)
 

@@ -13,9 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.cascades import checked_generate
+from components.compositional import check_held_out
 from components.config import CascadeConfig
 from components.errors import StageError
-from components.generator import GeneratorResult, evaluate_prompts, report_files, train
+from components.generator import GeneratorResult, report_files, train
 from components.io import ACCEPTED_FILE, write_json
 from components.stage import TrackedInput, tracked
 from components.tracking import lightning_logger
@@ -57,7 +58,7 @@ def run(cfg: CascadeConfig, tokens_dir: Path, features_dir: Path, tokenizer_dir:
     metrics = dict(trained.metrics)
     cascade = load_cascade(cfg, base_dir, tokenizer_dir, superres_model=trained.model,
                            text_dim=trained.model.spec.text_dim)
-    metrics.update(evaluate_prompts(checked_generate(cascade), cfg.superres, features_dir, validate_dir, out_dir))
+    metrics.update(check_held_out(checked_generate(cascade), cfg.superres, features_dir, validate_dir, out_dir))
     write_json(out_dir / "metrics.json", metrics)
     return GeneratorResult(metrics, out_dir)
 

@@ -36,6 +36,13 @@ def test_held_out_prompts_are_checked_at_default_guidance_and_without(smoke_casc
     assert metrics["final_loss"] > 0 and metrics["tokens_per_second"] > 0
     table = (out / "checker.md").read_text()
     assert "| guidance |" in table and "| 0 |" in table
+    # smoke checks two seed sets at the default guidance: set 0 is the fixed-seed figure above
+    sets = getattr(smoke_cascade.art.cfg, which).eval_seed_sets
+    assert sets == 2 and "| mean of 2 |" in table
+    for headline in ("single_colour_shape", "pair_overall"):
+        per_set = [metrics[f"checker_{headline}_set{j}"] for j in range(sets)]
+        assert per_set[0] == metrics[f"checker_{headline}"]
+        assert metrics[f"checker_{headline}_mean"] == pytest.approx(sum(per_set) / sets)
     assert (out / "samples.png").stat().st_size > 0 and "0: " in (out / "samples.txt").read_text()
 
 
