@@ -544,14 +544,15 @@ def derive(cfg, counts: dict, text: dict, images: dict, a) -> dict:
 
     def one_offs(n_items: int, n_test: int) -> list[dict]:
         per_scale = min(ev.prompts, n_test)
-        n_eval = scales * per_scale + min(ev.checker_prompts, n_test)
+        n_checked = min(ev.checker_prompts, n_test) * ev.checker_seed_sets
+        n_eval = scales * per_scale + n_checked
         per_image = (cfg.base.sample.steps * counts["base"]["sample_step"]
                      + cfg.superres.sample.steps * counts["superres"]["sample_step"]
                      + counts["decoder_ft"]["decode"] + counts["evaluator"]["score"])
         return [inference("features (text encoder, once per caption)", n_items, text["flops_per_caption"], "transformer"),
                 inference("tokens (both encoders, once per image)", n_items,
                           counts["tokenizer_base"]["encode"] + counts["tokenizer_superres"]["encode"], "conv"),
-                inference(f"evaluate ({scales} scales x {per_scale:,} + {min(ev.checker_prompts, n_test):,} checker)",
+                inference(f"evaluate ({scales} scales x {per_scale:,} + {n_checked:,} checker)",
                           n_eval, per_image, "transformer")]
 
     big = a.scale_to

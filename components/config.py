@@ -384,6 +384,7 @@ class EvaluateConfig:
     batch_size: int
     grid_prompts: int  # prompts in each guidance scale's fixed-seed sample grid
     checker_prompts: int  # held-out test prompts read back by the exact checker (default guidance)
+    checker_seed_sets: int  # seed sets of those prompts; set 0 (seed + i) is the gated figure, the mean is reported
     prompt_suites: tuple[str, ...]  # files of prompts with an optional category column
     fid: FidConfig
     clip: ClipConfig
@@ -634,6 +635,9 @@ def _check_across_sections(cfg: CascadeConfig, source: str) -> None:
         if section.eval_seed_sets < 1:
             raise ConfigError(f"{source}: {key}.eval_seed_sets: must be >= 1 (1 = seed i for prompt i only), "
                               f"got {section.eval_seed_sets}")
+    if cfg.evaluate.checker_seed_sets < 1:
+        raise ConfigError(f"{source}: evaluate.checker_seed_sets: must be >= 1 (1 = seed + i for prompt i only), "
+                          f"got {cfg.evaluate.checker_seed_sets}")
     if cfg.inference.candidates < 1:
         raise ConfigError(f"{source}: inference.candidates: must be >= 1 (1 = no rejection sampling)")
     if not 0.0 < cfg.inference.touchup.strength <= 1.0:

@@ -57,8 +57,9 @@ def test_default_profile_comes_from_params_yaml():
     (("    augment: [channel_permute]", "    augment: [rotate]"), r"tokenizer\.train\.augment\.0: .*'rotate'"),
     (("  eval_seed_sets: 3        # single objects", "  eval_seed_sets: 0        #"),
      r"superres\.eval_seed_sets: must be >= 1"),
+    (("  checker_seed_sets: 3 ", "  checker_seed_sets: 0 "), r"evaluate\.checker_seed_sets: must be >= 1"),
 ], ids=["unknown-key", "missing-key", "unknown-key-in-overlay", "wrong-type", "zero-tokenizer-steps",
-        "unknown-augmentation", "zero-seed-sets"])
+        "unknown-augmentation", "zero-seed-sets", "zero-evaluate-seed-sets"])
 def test_bad_params_fail_at_load_with_the_full_key_path(edit, message):
     text = PARAMS.read_text()
     assert edit[0] in text  # the edit must really change params.yaml

@@ -71,13 +71,22 @@ def test_evaluate_writes_the_curve_gate_metrics_and_a_self_contained_report(eval
     # the exact checker's headline figures under the names the gates read
     assert m["checker_single"] == m["checker_single_colour_shape"] and m["checker_pair"] == m["checker_pair_overall"]
     assert m["checker_prompts"] == ev.checker_prompts
-    assert m["images_generated"] == ev.prompts * len(scales) + ev.checker_prompts + 3
+    assert m["images_generated"] == ev.prompts * len(scales) + ev.checker_prompts * ev.checker_seed_sets + 3
+    # further seed sets are reported beside the gated set-0 figure, and their mean is the mean of the sets
+    assert ev.checker_seed_sets == 2
+    assert m["checker_single_colour_shape_set0"] == m["checker_single"]
+    assert m["checker_single_colour_shape_mean"] == pytest.approx(
+        (m["checker_single_colour_shape_set0"] + m["checker_single_colour_shape_set1"]) / 2)
+    assert m["checker_pair_overall_mean"] == pytest.approx(
+        (m["checker_pair_overall_set0"] + m["checker_pair_overall_set1"]) / 2)
+    assert "Seed sets at guidance" in (out / "checker.md").read_text()
     assert done[-1] == m["images_generated"]
     assert json.loads((out / "metrics.json").read_text()) == m
     # one fixed-seed grid per scale, shown inline in the HTML report
     for g in scales:
         assert (out / "grids" / f"guidance_{g:g}.png").is_file()
     page = (out / "report.html").read_text()
+    assert "<p>Seed sets at guidance" in page and "<th>seed set</th>" in page  # the seed-set table keeps its head
     assert page.count("data:image/png;base64,") == len(scales) + 2  # curve + grids + suite grid
     assert "src='grids/" not in page and "FID vs CLIP" in page
     md = (out / "report.md").read_text()
