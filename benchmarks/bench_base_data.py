@@ -10,8 +10,10 @@ default and 0, the exact checker on base-tokenizer decodes).
     # 1. here, after `make demo` (CPU, about 1 min per 16k scenes): base tokens of the first N train
     #    scenes with the demo's base tokenizer (checked against the tokens stage on the shared keys)
     .venv/bin/python benchmarks/bench_base_data.py prepare --n 48000 --out /tmp/base_data
-    # 2. anywhere with the repo (a GPU machine: about 7 min per arm on an H100, arms can share it)
-    python benchmarks/bench_base_data.py train --data /tmp/base_data --n 48000 --batch 256 --out /tmp/arms/C
+    # 2. anywhere with the repo (a GPU machine: about 7 min per arm on an H100 with three arms sharing
+    #    it; --threads 2 each, or six arms on 16 cores ran 4x slower). Options: --lr, --ema-decay,
+    #    --width, --depth, --seed, --budget (seconds; a stopped arm records the step it reached)
+    python benchmarks/bench_base_data.py train --data /tmp/base_data --n 48000 --batch 256 --threads 2 --out /tmp/arms/C
     # 3. here: score the arms (and the demo's own model for reference), record the table; --cascade
     #    scores the full cascade (the demo's super-res model) with each base model instead
     .venv/bin/python benchmarks/bench_base_data.py evaluate artifacts/base /tmp/arms/* --record
@@ -108,15 +110,21 @@ def train(args, cfg) -> None:
     from components.training import fingerprint
     from models.masked_transformer import save_generator
 
+    if args.threads:  # arms sharing one machine: torch's default (all cores each) oversubscribes it
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t = replace(cfg.base.train, steps=args.steps, batch_size=args.batch, checkpoint_every=10**9,
-                seed=cfg.base.train.seed if args.seed is None else args.seed)
+                seed=cfg.base.train.seed if args.seed is None else args.seed,
+                lr=args.lr or cfg.base.train.lr,
+                ema_decay=cfg.base.train.ema_decay if args.ema_decay is None else args.ema_decay)
+    model_cfg = replace(cfg.base.model, width=args.width or cfg.base.model.width,
+                        depth=args.depth or cfg.base.model.depth)
     tokens = torch.from_numpy(np.load(args.data / "tokens.npy")[:args.n].astype(np.int64))  # [n, g*g]
     if len(tokens) < args.n:
         raise SystemExit(f"train: --n {args.n} but {args.data} holds {len(tokens)} scenes; run prepare with a larger --n")
     features = text_features(cfg, args.data, device)
     row, text, mask = features["row"][:args.n], features["text"], features["mask"]
-    spec = spec_for(cfg.base, *stubs(cfg, text.shape[-1]), "base")
+    spec = spec_for(replace(cfg.base, model=model_cfg), *stubs(cfg, text.shape[-1]), "base")
 
     class FirstN(BatchDataset):
         keys = list(range(args.n))
@@ -144,7 +152,8 @@ def train(args, cfg) -> None:
     except StageError as err:  # stopped by the budget: fit says at which step
         steps_done = int(str(err).split("at step ")[1].split()[0])
     seconds = time.time() - start
-    arm = {"n": args.n, "batch": args.batch, "steps": args.steps, "seed": t.seed, "budget": args.budget}
+    arm = {"n": args.n, "batch": args.batch, "steps": args.steps, "seed": t.seed, "budget": args.budget,
+           "lr": t.lr, "ema_decay": t.ema_decay, "width": model_cfg.width, "depth": model_cfg.depth}
     save_generator(module.model.eval().float().cpu(), args.out,
                    extra={"sample": asdict(cfg.base.sample), "arm": arm, "steps_done": steps_done,
                           "seconds": seconds, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"})
@@ -181,16 +190,17 @@ def evaluate(args, cfg) -> None:
             m = check_held_out(generate, checked, art / "features", art / "validate", args.scratch / d.name)
         rows.append((d, meta, m))
         print(json.dumps({"model": str(d), **{k: round(v, 4) for k, v in m.items() if k.startswith("checker_")}}))
-    arm_cols = ("n", "batch", "steps", "seed")
+    arm_cols = ("n", "batch", "steps", "seed", "lr", "ema_decay", "width")
+    title = f" (`--section {args.section}`)" if args.section else ""
     sets = (cfg.superres if args.cascade else cfg.base).eval_seed_sets
     when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
     if args.cascade:
-        head = ["## The cascade with these base models (`bench_base_data.py evaluate --cascade`)", "",
+        head = ["## The cascade with these base models (`bench_base_data.py evaluate --cascade`)" + title, "",
                 f"Scored on {when} by the superres stage's own check ({cfg.superres.eval_prompts} held-out test prompts, "
                 f"the demo's super-res model `{art / 'superres'}` and tokenizers, default sampling); scoring machine: "
                 f"{machine()}."]
     else:
-        head = ["## Base generator alone vs training images and batch (`bench_base_data.py`)", "",
+        head = ["## Base generator alone vs training images and batch (`bench_base_data.py`)" + title, "",
                 f"Scored by `benchmarks/bench_base_data.py evaluate` on {when}: the base stage's own check "
                 f"(components.generator.evaluate_prompts: {cfg.base.eval_prompts} held-out test prompts, sampler "
                 f"{cfg.base.sample.steps} steps, temperature {cfg.base.sample.temperature:g}, exact checker on "
@@ -204,13 +214,17 @@ def evaluate(args, cfg) -> None:
     lines = [
         *head,
         "",
-        "| model | images | batch | steps | seed | trained on | train min | single | pair | overall | colour | "
+        "| model | images | batch | steps | seed | lr | EMA | width | trained on | train min | single | pair | overall | colour | "
         "shape | count | position | single g0 | pair g0 |" + "".join(f" {c} |" for c in set_cols),
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: |" + " ---: |" * (9 + len(set_cols)),
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |" + " ---: |" * (9 + len(set_cols)),
     ]
     for d, meta, m in rows:
         arm = meta.get("arm", {})
-        cells = [str(arm.get(c, "-")) for c in arm_cols]
+        # arms trained before lr / EMA / width were arm options used params' values and say so in their spec
+        known = {"lr": cfg.base.train.lr, "ema_decay": cfg.base.train.ema_decay, "width": meta["spec"]["width"]}
+        cells = [str(arm.get(c, known.get(c, "-"))) for c in arm_cols]
+        if meta.get("steps_done", arm.get("steps")) != arm.get("steps", "-"):  # stopped by its time budget
+            cells[arm_cols.index("steps")] = f"{meta['steps_done']} of {arm['steps']}"
         minutes = f"{meta['seconds'] / 60:.1f}" if "seconds" in meta else "-"
         scores = [f"{100 * m[f'checker_{c}']:.1f}%" for c in CATEGORIES]
         scores += [f"{100 * m[f'checker_{c}_g0']:.1f}%" for c in CATEGORIES[:2]]
@@ -221,7 +235,8 @@ def evaluate(args, cfg) -> None:
                      + " | ".join(scores) + " |")
     lines.append("")
     if args.record:
-        print(replace_section(args.record, "bench_base_data" + ("_cascade" if args.cascade else ""), lines))
+        section = "bench_base_data" + ("_cascade" if args.cascade else "") + (f"_{args.section}" if args.section else "")
+        print(replace_section(args.record, section, lines))
     else:
         print("\n".join(lines))
 
@@ -241,7 +256,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=None, help="default: base.train.batch_size")
     p.add_argument("--steps", type=int, default=None, help="default: base.train.steps")
     p.add_argument("--seed", type=int, default=None, help="default: base.train.seed")
+    p.add_argument("--lr", type=float, default=None, help="default: base.train.lr")
+    p.add_argument("--ema-decay", type=float, default=None, help="default: base.train.ema_decay (0 = off)")
+    p.add_argument("--width", type=int, default=None, help="default: base.model.width")
+    p.add_argument("--depth", type=int, default=None, help="default: base.model.depth")
     p.add_argument("--budget", type=float, default=None, help="stop after this many seconds (recorded)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, all cores); 2 per arm when arms share a machine")
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("evaluate", help="held-out test checker of trained arms")
     p.add_argument("models", type=Path, nargs="+")
@@ -251,6 +272,8 @@ def main() -> None:
                    help="seed sets per prompt at the default guidance (default: the checked stage's eval_seed_sets)")
     p.add_argument("--scratch", type=Path, default=Path("/tmp/bench_base_data"), help="sample grids go here")
     p.add_argument("--record", type=Path, nargs="?", const=REPO / "benchmarks" / "RESULTS.md", default=None)
+    p.add_argument("--section", default=None,
+                   help="record into a RESULTS.md section of this name (heading suffix) instead of the default one")
     args = parser.parse_args()
     cfg = load_config(args.params, args.profile)
     if args.command == "train":
