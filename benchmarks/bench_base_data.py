@@ -14,6 +14,7 @@ default and 0, the exact checker on base-tokenizer decodes).
     #    it; --threads 2 each, or six arms on 16 cores ran 4x slower). Options: --lr, --ema-decay,
     #    --width, --depth, --seed, --budget (seconds; a stopped arm records the step it reached)
     python benchmarks/bench_base_data.py train --data /tmp/base_data --n 48000 --batch 256 --threads 2 --out /tmp/arms/C
+    #    (benchmarks/bench_base_data_arms.sh trains a file of arms at once this way)
     # 3. here: score the arms (and the demo's own model for reference), record the table; --cascade
     #    scores the full cascade (the demo's super-res model) with each base model instead
     .venv/bin/python benchmarks/bench_base_data.py evaluate artifacts/base /tmp/arms/* --record
