@@ -152,14 +152,27 @@ def check_held_out(generate, cfg, features_dir: Path, validate_dir: Path, out_di
     metrics = evaluate_prompts(generate, cfg, features_dir, validate_dir, out_dir)
     if cfg.eval_seed_sets < 2 or not metrics:  # one set, or data without scenes
         return metrics
-    default = cfg.sample.guidance
-    prompts, features = test_prompts(validate_dir, cfg.eval_prompts), FeatureStore.open(features_dir)
-    by_set = {0: {c: metrics[f"checker_{c}"] for c in CATEGORIES if f"checker_{c}" in metrics}}
-    for j in range(1, cfg.eval_seed_sets):
-        by_set[j] = sample_and_check(generate, prompts, features, [default], seed_set=j)[0][default]
+    set0 = {c: metrics[f"checker_{c}"] for c in CATEGORIES if f"checker_{c}" in metrics}
+    more, more_table = further_seed_sets(generate, test_prompts(validate_dir, cfg.eval_prompts),
+                                         FeatureStore.open(features_dir), cfg.sample.guidance, set0,
+                                         cfg.eval_seed_sets)
     checker = Path(out_dir) / "checker.md"
-    checker.write_text(checker.read_text() + "\n" + seed_set_table(by_set, default))
-    return {**metrics, **seed_set_metrics(by_set)}
+    checker.write_text(checker.read_text() + more_table)
+    return {**metrics, **more}
+
+
+def further_seed_sets(generate, prompts: PromptSet, features, guidance: float, set0: dict[str, float],
+                      n_sets: int, batch_size: int = 64, after_each=lambda: None) -> tuple[dict[str, float], str]:
+    """Sample seed sets 1 .. n_sets - 1 at `guidance` beside set 0's checker figures `set0`.
+    Returns (seed_set_metrics, the per-set table preceded by a blank line); ({}, "") for one set.
+    after_each() runs after each further set (progress)."""
+    by_set = {0: set0}
+    for j in range(1, n_sets):
+        by_set[j] = sample_and_check(generate, prompts, features, [guidance], batch_size, seed_set=j)[0][guidance]
+        after_each()
+    if len(by_set) < 2:
+        return {}, ""
+    return seed_set_metrics(by_set), "\n" + seed_set_table(by_set, guidance)
 
 
 def flat_metrics(by_guidance: dict[float, dict[str, float]], default_guidance: float) -> dict[str, float]:

@@ -164,8 +164,7 @@ class _Generator:
 def run(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, features_dir: Path, tokenizer_dir: Path,
         base_dir: Path, superres_dir: Path, decoder_dir: Path | None, evaluator_dir: Path, out_dir: Path,
         progress: Progress = None) -> EvaluateResult:
-    from components.compositional import (sample_and_check, save_sample_grid, seed_set_metrics, seed_set_table,
-                                          table, test_prompts)
+    from components.compositional import further_seed_sets, sample_and_check, save_sample_grid, table, test_prompts
     from components.evaluator import load_for_scoring
     from components.features import FeatureStore
     from components.images import to_uint8
@@ -241,13 +240,10 @@ def run(cfg: CascadeConfig, data_dir: Path, validate_dir: Path, features_dir: Pa
         tick(len(prompts))
         # further seed sets are reported, never gated: checker_single stays set 0 (seeds i), the protocol
         # every registered version was measured with
-        by_set = {0: checker}
-        for j in range(1, ev.checker_seed_sets):
-            by_set[j] = sample_and_check(generate_pm1, prompts, store, [default], ev.batch_size, seed_set=j)[0][default]
-            tick(len(prompts))
-        if len(by_set) > 1:
-            metrics.update(seed_set_metrics(by_set))
-            checker_table += "\n" + seed_set_table(by_set, default)
+        more, more_table = further_seed_sets(generate_pm1, prompts, store, default, checker, ev.checker_seed_sets,
+                                             ev.batch_size, after_each=lambda: tick(len(prompts)))
+        metrics.update(more)
+        checker_table += more_table
         (out_dir / "checker.md").write_text(checker_table)
 
     # --- user prompt suites: CLIP score per category -------------------------------------------
