@@ -10,6 +10,7 @@ new ones) is always in the grid, so the ratio is measured in the same run. Rows 
 
     .venv/bin/python benchmarks/bench_sampler.py [--steps 12,24] [--temperatures 0.4,0.7,1.0]
         [--guidance 0.5,1,1.5,2] [--seed-sets 2] [--baseline 12,0.7,2] [--out benchmarks/RESULTS.md]
+        [--section NAME]
 
 About 10 min on 2 CPU cores with the default grid. Nothing here asserts on timings.
 """
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--seed-stride", type=int, default=1000)
     parser.add_argument("--baseline", default="12,0.7,2", help="STEPS,TEMPERATURE,GUIDANCE")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--section", default=None,
+                        help="with --out, write a section of this name (heading suffix) instead of the default one")
     args = parser.parse_args()
 
     cfg = load_config(args.params, profile=args.profile)
@@ -96,7 +99,8 @@ def main() -> None:
     baseline = mean[baseline_key]
     chosen = (default.steps, default.temperature, default.guidance)
     images_per_s = {k: len(prompts) * args.seed_sets * len(scales) / s for k, s in seconds.items()}
-    lines = ["## Base sampler settings on val (`bench_sampler.py`)", "",
+    title = f" (`--section {args.section}`)" if args.section else ""
+    lines = [f"## Base sampler settings on val (`bench_sampler.py`){title}", "",
              f"The base model alone on {len(prompts)} val prompts (seen pairs), {args.seed_sets} seed sets per "
              f"setting (seeds i + {args.seed_stride} k), checker on base-tokenizer decodes; "
              f"{dt.date.today().isoformat()}; {machine()}. Baseline: {int(base_steps)} steps, temperature "
@@ -113,7 +117,7 @@ def main() -> None:
     lines += ["", "images/s: all guidance scales of one steps x temperature setting together (checker included)."]
     print("\n".join(lines))
     if args.out:
-        replace_section(args.out, "bench_sampler", lines)
+        replace_section(args.out, "bench_sampler" + (f"_{args.section}" if args.section else ""), lines)
 
 
 if __name__ == "__main__":
