@@ -13,12 +13,34 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Stage subprocesses (dvc, kfp.local, torchrun) inherit this: with two xdist workers on 2 cores, two
+# OpenMP threads per process would oversubscribe the cores (see one_torch_thread).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def slow_tests_first(items: list) -> list:
+    """`slow` tests first, each followed by a fast one.
+
+    `make test` runs two xdist workers that are handed two tests each to start with, then one at a
+    time (--maxschedchunk 1). Interleaved this way, no worker starts with two slow tests, and the
+    end-to-end runs start early on separate workers instead of queueing behind each other at the end.
+    """
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = [item for item in items if not item.get_closest_marker("slow")]
+    ordered = []
+    for item in slow:
+        ordered.append(item)
+        if fast:
+            ordered.append(fast.pop(0))
+    return ordered + fast
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run only where CUDA is present (a lent GPU machine); CI has none and skips them."""
+    """Order the slow tests first (`slow_tests_first`); `gpu` tests run only where CUDA is present
+    (a lent GPU machine); CI has none and skips them."""
     import torch
 
+    items[:] = slow_tests_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none present)")
