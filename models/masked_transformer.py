@@ -118,6 +118,18 @@ def check_tokenizer_contract(spec: MaskedTransformerSpec, codebook_size: int, gr
                              f"{cond_grid}x{cond_grid}")
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """Scaled dot-product attention. On a CPU in bf16/fp16 (autocast) it runs in fp32, outside autocast:
+    the CPU kernels' bf16 backward took longer than the rest of the training step, which was then no
+    faster than fp32; with it the bf16 step is 1.4-1.7x faster than fp32 (README, Generators: Speed)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                               dropout_p=dropout_p)
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -132,8 +144,7 @@ class Attention(nn.Module):
         q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)  # [B,h,N,d]
         k, v = self.kv(context).view(B, M, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # 2 x [B,h,M,d]
         attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # [B,1,1,M] True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # [B,h,N,d]
+        y = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)  # [B,h,N,d]
         return self.out(y.transpose(1, 2).reshape(B, N, W))
 
 

@@ -114,3 +114,28 @@ def test_fit_trains_on_the_gpu_in_bf16_mixed_with_fp32_weights_and_resumes(tmp_p
     resumed = fit("base", _lightning_module()(spec.to_dict(), asdict(longer), "base"), FixedBatch(), longer,
                   ckpt_dir=tmp_path / "ckpt", run_fingerprint="gpu", collate_fn=whole_batch)
     assert resumed.resumed_from == 40 and resumed.trainer.global_step == 50
+
+
+def test_fit_redraws_the_progress_bar_about_500_times_a_run(tmp_path):
+    """Redrawing every step cost 2% of a CPU tokenizer step (bench_tokenizer): 1000 steps redraw every 2."""
+    import lightning as L
+    import torch
+
+    from components.training import fit
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    loop = types.SimpleNamespace(steps=1000, batch_size=1, devices=1, num_workers=0, checkpoint_every=1000,
+                                 precision="32-true")
+    result = fit("tiny", Tiny(), torch.zeros(4, 2), loop, ckpt_dir=tmp_path / "ckpt", run_fingerprint="t")
+    assert result.trainer.global_step == 1000
+    assert result.trainer.progress_bar_callback.refresh_rate == 2

@@ -184,3 +184,36 @@ def test_bf16_autocast_on_cuda_matches_fp32_on_cpu(spec):
     loss.backward()
     grads = [p.grad for p in gpu.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("spec", [BASE, SUPERRES], ids=["base", "superres"])
+def test_bf16_autocast_on_cpu_runs_attention_in_fp32(spec, monkeypatch):
+    """`precision: bf16-mixed` on a CPU: the linear layers run in bf16, but attention gets fp32 inputs
+    outside autocast (the CPU kernels' bf16 backward is the slow part), and the logits stay within
+    bf16's rounding of fp32 with finite fp32 gradients."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = MaskedTransformer(spec)
+    inputs = _inputs(spec, batch=4, seed=1)
+    reference = model(*inputs).double()
+    assert seen and all(s == (torch.float32, torch.float32, torch.float32, False) for s in seen)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(*inputs)
+    assert seen and all(s == (torch.float32, torch.float32, torch.float32, False) for s in seen)
+    assert logits.dtype == torch.bfloat16
+    error = (logits.double() - reference).norm() / reference.norm()
+    assert error < 2e-2, f"relative error {error:.2e} vs fp32"
+    tokens = inputs[0].clamp(max=spec.codebook_size - 1)
+    masked = torch.rand(tokens.shape) < 0.5
+    masked[:, 0] = True
+    masked_token_loss(logits.float(), tokens, masked).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
