@@ -31,8 +31,8 @@ from components.config import load_config  # noqa: E402
 from components.images import ShardImageDataset  # noqa: E402
 from benchmarks.common import machine, replace_section  # noqa: E402
 
-NOISE_NOTE = ("A step of the stage measured faster than a step of the baseline: the difference is run-to-run noise on a "
-              "shared CPU, i.e. Lightning adds no measurable overhead here.")
+NOISE_NOTE = ("A step of the stage measured faster than a step of the baseline: the difference is run-to-run "
+              "noise on a shared CPU, i.e. Lightning adds no measurable overhead here.")
 
 
 def plain_loop(cfg, which: str, dataset, steps: int) -> float:

@@ -121,7 +121,8 @@ def check_tokenizer_contract(spec: MaskedTransformerSpec, codebook_size: int, gr
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
     """Scaled dot-product attention. On a CPU in bf16/fp16 (autocast) it runs in fp32, outside autocast:
     the CPU kernels' bf16 backward took longer than the rest of the training step, which was then no
-    faster than fp32; with it the bf16 step is 1.4-1.7x faster than fp32 (README, Generators: Speed)."""
+    faster than fp32; with it the bf16 step is 1.4-1.7x faster than fp32 (README, Generators: bf16 on
+    a CPU)."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
