@@ -4,7 +4,7 @@ Answers "what does `tiny` need to reach the issue's targets": each arm trains th
 the `base` stage's own Lightning module and loop (components.generator._lightning_module +
 fit_generator: AdamW warm-up + cosine, grad clip, text dropout, precision auto = bf16-mixed on a
 GPU) on the first --n train scenes, and `evaluate` scores it exactly as the stage does
-(components.generator.evaluate_prompts: the stage's held-out test prompts, default sampler, guidance
+(components.compositional.check_held_out: the stage's held-out test prompts, default sampler, guidance
 default and 0, the exact checker on base-tokenizer decodes).
 
     # 1. here, after `make demo` (CPU, about 1 min per 16k scenes): base tokens of the first N train
@@ -203,7 +203,7 @@ def evaluate(args, cfg) -> None:
     else:
         head = ["## Base generator alone vs training images and batch (`bench_base_data.py`)" + title, "",
                 f"Scored by `benchmarks/bench_base_data.py evaluate` on {when}: the base stage's own check "
-                f"(components.generator.evaluate_prompts: {cfg.base.eval_prompts} held-out test prompts, sampler "
+                f"(components.compositional.check_held_out: {cfg.base.eval_prompts} held-out test prompts, sampler "
                 f"{cfg.base.sample.steps} steps, temperature {cfg.base.sample.temperature:g}, exact checker on "
                 f"base-tokenizer decodes); scoring machine: {machine()}."]
     set_cols = []

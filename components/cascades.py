@@ -60,7 +60,7 @@ def sampler_params(cfg: CascadeConfig) -> dict:
 
 
 def checked_generate(cascade) -> Callable:
-    """generate(text, mask, seeds, guidance) for components.generator.evaluate_prompts over a whole
+    """generate(text, mask, seeds, guidance) for components.compositional.check_held_out over a whole
     cascade: evaluation calls it at the super-res model's default guidance and at 0, and 0 switches
     guidance off in both models (otherwise the base model keeps its own default)."""
 

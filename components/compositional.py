@@ -140,25 +140,34 @@ def sample_and_check(generate, prompts: PromptSet, features, guidance_scales: li
 
 
 def check_held_out(generate, cfg, features_dir: Path, validate_dir: Path, out_dir: Path) -> dict:
-    """The generator stages' held-out check: components.generator.evaluate_prompts (seed set 0 at the
-    default guidance and at 0), then cfg.eval_seed_sets - 1 further seed sets at the default guidance,
-    their table appended to checker.md. It lives here rather than in components.generator because
-    that module's source keys the training checkpoints: a change to evaluation must not retrain.
+    """The generator stages' held-out check: cfg.eval_prompts held-out test prompts sampled with seed
+    set 0 at the default guidance and at 0, then cfg.eval_seed_sets - 1 further seed sets at the
+    default guidance. Writes samples.png/.txt and checker.md (one table per guidance, then the per-set
+    table) into out_dir. Empty for data without scenes. It lives here rather than in
+    components.generator because that module's source keys the training checkpoints: a change to
+    evaluation must not retrain.
 
     cfg: a generator stage's config (eval_prompts, eval_seed_sets, sample.guidance)."""
     from components.features import FeatureStore
-    from components.generator import evaluate_prompts
 
-    metrics = evaluate_prompts(generate, cfg, features_dir, validate_dir, out_dir)
-    if cfg.eval_seed_sets < 2 or not metrics:  # one set, or data without scenes
-        return metrics
-    set0 = {c: metrics[f"checker_{c}"] for c in CATEGORIES if f"checker_{c}" in metrics}
-    more, more_table = further_seed_sets(generate, test_prompts(validate_dir, cfg.eval_prompts),
-                                         FeatureStore.open(features_dir), cfg.sample.guidance, set0,
-                                         cfg.eval_seed_sets)
-    checker = Path(out_dir) / "checker.md"
-    checker.write_text(checker.read_text() + more_table)
-    return {**metrics, **more}
+    if cfg.eval_prompts <= 0:
+        return {}
+    prompts = test_prompts(validate_dir, cfg.eval_prompts)
+    if len(prompts) == 0:
+        return {}  # user data: no structured scenes to check against
+    features = FeatureStore.open(features_dir)
+    default = cfg.sample.guidance
+    scales = [default] + ([0.0] if default != 0 else [])
+    by_guidance, images = sample_and_check(generate, prompts, features, scales)
+    save_sample_grid(images[default], prompts.captions, Path(out_dir) / "samples.png")
+    checker_md = table(by_guidance)
+    metrics = flat_metrics(by_guidance, default)
+    if cfg.eval_seed_sets >= 2:
+        set0 = {c: metrics[f"checker_{c}"] for c in CATEGORIES if f"checker_{c}" in metrics}
+        more, more_table = further_seed_sets(generate, prompts, features, default, set0, cfg.eval_seed_sets)
+        metrics, checker_md = {**metrics, **more}, checker_md + more_table
+    (Path(out_dir) / "checker.md").write_text(checker_md)
+    return metrics
 
 
 def further_seed_sets(generate, prompts: PromptSet, features, guidance: float, set0: dict[str, float],

@@ -235,21 +235,3 @@ REPORT_FILES = ("generator.json", "samples.png", "samples.txt", "checker.md")
 def report_files(out_dir: Path) -> list[Path]:
     """What the stage logs to MLflow besides its metrics."""
     return [Path(out_dir) / name for name in REPORT_FILES]
-
-
-def evaluate_prompts(generate, cfg: GeneratorConfig, features_dir: Path, validate_dir: Path, out_dir: Path) -> dict:
-    """Exact-checker accuracy on cfg.eval_prompts held-out test prompts, at the default guidance and
-    at 0; writes samples.png/.txt and checker.md into out_dir. Empty for data without scenes."""
-    from components.compositional import flat_metrics, sample_and_check, save_sample_grid, table, test_prompts
-
-    if cfg.eval_prompts <= 0:
-        return {}
-    prompts = test_prompts(validate_dir, cfg.eval_prompts)
-    if len(prompts) == 0:
-        return {}  # user data: no structured scenes to check against
-    default = cfg.sample.guidance
-    scales = [default] + ([0.0] if default != 0 else [])
-    by_guidance, images = sample_and_check(generate, prompts, FeatureStore.open(features_dir), scales)
-    save_sample_grid(images[default], prompts.captions, Path(out_dir) / "samples.png")
-    (Path(out_dir) / "checker.md").write_text(table(by_guidance))
-    return flat_metrics(by_guidance, default)
