@@ -110,6 +110,8 @@ def quiet_lightning() -> None:
     # Lightning's start-up chatter (accelerator banner, a product tip) and a deprecation inside
     # Lightning itself would bury the stage's own output.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # "`weights_only` was not set" at every checkpoint save: full checkpoints are what resume needs
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
@@ -147,8 +149,13 @@ def fit(stage: str, module, dataset, loop: TrainLoopConfig, *, ckpt_dir: Path, r
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=loop.checkpoint_every, save_last=True,
                                  save_top_k=0, enable_version_counter=False)
     start_step = StartStep()
+    class StageProgressBar(RichProgressBar):
+        # the run is one step-bound epoch (max_epochs=-1), so Lightning's "Epoch 0/-2" says nothing
+        def _get_train_description(self, current_epoch: int) -> str:
+            return f"{stage}: steps"
+
     # redrawing the bar every step cost 2% of a tokenizer step on a CPU (bench_tokenizer); ~500 redraws a run
-    progress = RichProgressBar(refresh_rate=max(1, loop.steps // 500))
+    progress = StageProgressBar(refresh_rate=max(1, loop.steps // 500))
     strategy = "auto"
     if devices * num_nodes > 1:
         strategy = "ddp_find_unused_parameters_true" if find_unused_parameters else "ddp"

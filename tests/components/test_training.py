@@ -116,7 +116,7 @@ def test_fit_trains_on_the_gpu_in_bf16_mixed_with_fp32_weights_and_resumes(tmp_p
     assert resumed.resumed_from == 40 and resumed.trainer.global_step == 50
 
 
-def test_fit_redraws_the_progress_bar_about_500_times_a_run(tmp_path):
+def test_fit_redraws_the_progress_bar_about_500_times_a_run_under_the_stage_name(tmp_path, caplog):
     """Redrawing every step cost 2% of a CPU tokenizer step (bench_tokenizer): 1000 steps redraw every 2."""
     import lightning as L
     import torch
@@ -139,3 +139,5 @@ def test_fit_redraws_the_progress_bar_about_500_times_a_run(tmp_path):
     result = fit("tiny", Tiny(), torch.zeros(4, 2), loop, ckpt_dir=tmp_path / "ckpt", run_fingerprint="t")
     assert result.trainer.global_step == 1000
     assert result.trainer.progress_bar_callback.refresh_rate == 2
+    assert result.trainer.progress_bar_callback._get_train_description(0) == "tiny: steps"  # not "Epoch 0/-2"
+    assert "weights_only" not in caplog.text  # Lightning's note at each checkpoint save is silenced
