@@ -121,3 +121,14 @@ def test_stages_scored_by_the_exact_checker_rerun_when_it_changes():
     scored = [name for name in ("tokenizer", "base", "superres", "evaluate")
               if "models/checker.py" not in stages[name]["deps"]]
     assert not scored, f"stages whose metrics come from models/checker.py but do not depend on it: {scored}"
+
+
+def test_stages_that_train_rerun_when_the_training_loop_changes():
+    """components/training.py (fit, the LR schedule, precision) keys every training checkpoint
+    (code_digest); DVC must re-run those stages too, or an edited loop would leave old models in place."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    trained = [name for name in ("evaluator", "tokenizer", "base", "superres", "decoder_ft")
+               if "components/training.py" not in stages[name]["deps"]]
+    assert not trained, f"stages that train with components/training.py but do not depend on it: {trained}"
