@@ -12,7 +12,8 @@ default and 0, the exact checker on base-tokenizer decodes).
     .venv/bin/python benchmarks/bench_base_data.py prepare --n 48000 --out /tmp/base_data
     # 2. anywhere with the repo (a GPU machine: about 7 min per arm on an H100 with three arms sharing
     #    it; --threads 2 each, or six arms on 16 cores ran 4x slower). Options: --lr, --ema-decay,
-    #    --width, --depth, --seed, --budget (seconds; a stopped arm records the step it reached)
+    #    --width, --depth, --seed, --budget (seconds; a stopped arm records the step it reached),
+    #    --precision (bf16-mixed also pays on a CPU with AMX), --checkpoint-every (a killed arm resumes)
     python benchmarks/bench_base_data.py train --data /tmp/base_data --n 48000 --batch 256 --threads 2 --out /tmp/arms/C
     #    (benchmarks/bench_base_data_arms.sh trains a file of arms at once this way)
     # 3. here: score the arms (and the demo's own model for reference), record the table; --cascade
@@ -114,7 +115,9 @@ def train(args, cfg) -> None:
     if args.threads:  # arms sharing one machine: torch's default (all cores each) oversubscribes it
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = replace(cfg.base.train, steps=args.steps, batch_size=args.batch, checkpoint_every=10**9,
+    t = replace(cfg.base.train, steps=args.steps, batch_size=args.batch,
+                checkpoint_every=args.checkpoint_every or cfg.base.train.checkpoint_every,
+                precision=args.precision or cfg.base.train.precision,
                 seed=cfg.base.train.seed if args.seed is None else args.seed,
                 lr=args.lr or cfg.base.train.lr,
                 ema_decay=cfg.base.train.ema_decay if args.ema_decay is None else args.ema_decay)
@@ -154,7 +157,7 @@ def train(args, cfg) -> None:
         steps_done = int(str(err).split("at step ")[1].split()[0])
     seconds = time.time() - start
     arm = {"n": args.n, "batch": args.batch, "steps": args.steps, "seed": t.seed, "budget": args.budget,
-           "lr": t.lr, "ema_decay": t.ema_decay, "width": model_cfg.width, "depth": model_cfg.depth}
+           "precision": t.precision, "lr": t.lr, "ema_decay": t.ema_decay, "width": model_cfg.width, "depth": model_cfg.depth}
     save_generator(module.model.eval().float().cpu(), args.out,
                    extra={"sample": asdict(cfg.base.sample), "arm": arm, "steps_done": steps_done,
                           "seconds": seconds, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"})
@@ -262,6 +265,11 @@ def main() -> None:
     p.add_argument("--width", type=int, default=None, help="default: base.model.width")
     p.add_argument("--depth", type=int, default=None, help="default: base.model.depth")
     p.add_argument("--budget", type=float, default=None, help="stop after this many seconds (recorded)")
+    p.add_argument("--precision", default=None,
+                   help="default: base.train.precision (auto: bf16-mixed on a GPU, fp32 on a CPU; bf16-mixed pays on "
+                        "a CPU with AMX, README: bf16 on a CPU)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="default: base.train.checkpoint_every; a killed arm re-run with the same options resumes")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, all cores); 2 per arm when arms share a machine")
     p.add_argument("--out", type=Path, required=True)
