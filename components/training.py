@@ -136,6 +136,11 @@ def fit(stage: str, module, dataset, loop: TrainLoopConfig, *, ckpt_dir: Path, r
         def on_train_start(self, trainer, pl_module) -> None:
             self.step = trainer.global_step
 
+    class StageProgressBar(RichProgressBar):
+        # the run is one step-bound epoch (max_epochs=-1), so Lightning's "Epoch 0/-2" says nothing
+        def _get_train_description(self, current_epoch: int) -> str:
+            return f"{stage}: steps"
+
     quiet_lightning()
     ckpt_dir = Path(ckpt_dir)
     resume = prepare_checkpoints(ckpt_dir, run_fingerprint)
@@ -149,11 +154,6 @@ def fit(stage: str, module, dataset, loop: TrainLoopConfig, *, ckpt_dir: Path, r
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=loop.checkpoint_every, save_last=True,
                                  save_top_k=0, enable_version_counter=False)
     start_step = StartStep()
-    class StageProgressBar(RichProgressBar):
-        # the run is one step-bound epoch (max_epochs=-1), so Lightning's "Epoch 0/-2" says nothing
-        def _get_train_description(self, current_epoch: int) -> str:
-            return f"{stage}: steps"
-
     # redrawing the bar every step cost 2% of a tokenizer step on a CPU (bench_tokenizer); ~500 redraws a run
     progress = StageProgressBar(refresh_rate=max(1, loop.steps // 500))
     strategy = "auto"
