@@ -113,6 +113,9 @@ def quiet_lightning() -> None:
     # "`weights_only` was not set" at every checkpoint save: full checkpoints are what resume needs
     logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # Resuming mid-run warns that the dataloader is not resumable. Batches are drawn with replacement
+    # (fit's sampler), so the draws a resumed run makes afresh are as good as the ones it lost.
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 @dataclass(frozen=True)

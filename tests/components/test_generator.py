@@ -60,6 +60,8 @@ def test_random_streams_differ_by_rank_and_step_but_repeat_for_the_same_ones():
     assert generator.hash_seed(0, 1, 2) == seeds[(1, 2)]
 
 
+# Lightning's "dataloader is not resumable" warning is silenced: fit draws batches with replacement
+@pytest.mark.filterwarnings("error:.*resuming from a checkpoint")
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(smoke_cascade, tmp_path):
     art = smoke_cascade.art
     script = tmp_path / "train.py"
