@@ -114,21 +114,20 @@ def test_repro_failure_is_one_line_and_marks_the_pipeline_run_failed(project):
     assert parent.info.status == "FAILED"
 
 
-def test_stages_scored_by_the_exact_checker_rerun_when_it_changes():
+# Code that several stages share and that shapes their outputs: each of those stages must depend on it,
+# or `dvc repro` would keep outputs made by the old code.
+SHARED_CODE = {
+    # the checker computes these stages' metrics
+    "models/checker.py": ("tokenizer", "base", "superres", "evaluate"),
+    # fit, the LR schedule, precision: it also keys every training checkpoint (code_digest)
+    "components/training.py": ("evaluator", "tokenizer", "base", "superres", "decoder_ft"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(SHARED_CODE))
+def test_stages_rerun_when_shared_code_they_use_changes(module):
     import yaml
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    scored = [name for name in ("tokenizer", "base", "superres", "evaluate")
-              if "models/checker.py" not in stages[name]["deps"]]
-    assert not scored, f"stages whose metrics come from models/checker.py but do not depend on it: {scored}"
-
-
-def test_stages_that_train_rerun_when_the_training_loop_changes():
-    """components/training.py (fit, the LR schedule, precision) keys every training checkpoint
-    (code_digest); DVC must re-run those stages too, or an edited loop would leave old models in place."""
-    import yaml
-
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    trained = [name for name in ("evaluator", "tokenizer", "base", "superres", "decoder_ft")
-               if "components/training.py" not in stages[name]["deps"]]
-    assert not trained, f"stages that train with components/training.py but do not depend on it: {trained}"
+    missing = [name for name in SHARED_CODE[module] if module not in stages[name]["deps"]]
+    assert not missing, f"stages that use {module} but do not depend on it: {missing}"
