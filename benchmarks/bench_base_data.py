@@ -157,7 +157,8 @@ def train(args, cfg) -> None:
         steps_done = int(str(err).split("at step ")[1].split()[0])
     seconds = time.time() - start
     arm = {"n": args.n, "batch": args.batch, "steps": args.steps, "seed": t.seed, "budget": args.budget,
-           "precision": t.precision, "lr": t.lr, "ema_decay": t.ema_decay, "width": model_cfg.width, "depth": model_cfg.depth}
+           "precision": t.precision, "lr": t.lr, "ema_decay": t.ema_decay, "width": model_cfg.width,
+           "depth": model_cfg.depth}
     save_generator(module.model.eval().float().cpu(), args.out,
                    extra={"sample": asdict(cfg.base.sample), "arm": arm, "steps_done": steps_done,
                           "seconds": seconds, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu"})
